@@ -1,0 +1,592 @@
+//! Configuration: the `cluster.toml` file, its defaults, environment overrides and validation.
+//!
+//! Every section is a serde struct with `deny_unknown_fields`, so a misspelt key is refused at
+//! start with a message naming it. [`Config::validate`] checks values that parse but make no
+//! sense (a zero timeout, duplicate node ids, `users` mode without users, ...).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors from loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path that was read.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The path that was parsed.
+        path: String,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("invalid configuration: `{key}`: {message}")]
+    Invalid {
+        /// The dotted key, e.g. `delivery.ack_timeout_ms`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// `--id` names a node that the file does not list.
+    #[error("node `{0}` is not listed in [[nodes]]")]
+    UnknownNode(String),
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[cluster]`: cluster identity and seeds.
+    pub cluster: ClusterConfig,
+    /// `[auth]`: login and tokens.
+    pub auth: AuthConfig,
+    /// `[api]`: the backend HTTP API.
+    pub api: ApiConfig,
+    /// `[delivery]`: acks, retries, hold and dedup.
+    pub delivery: DeliveryConfig,
+    /// `[limits]`: sizes and per-session bounds.
+    pub limits: LimitsConfig,
+    /// `[websocket]`: keepalive and idle timeout.
+    pub websocket: WebSocketConfig,
+    /// `[http]`: CORS and shutdown.
+    pub http: HttpConfig,
+    /// `[[nodes]]`: every node of the cluster.
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Gossip cluster id; nodes of different ids never mix. Default `imgate-local`.
+    pub id: String,
+    /// Gossip addresses (`host:port`) to join through. Default: none.
+    pub seeds: Vec<String>,
+}
+
+/// How `/login` checks users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Any uid logs in; the password is ignored.
+    Open,
+    /// Only the uids listed in `[[auth.users]]`, with their argon2 password.
+    Users,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `open` or `users`. Default `open`.
+    pub mode: AuthMode,
+    /// HS256 secret for tokens. Env `IMGATE_JWT_SECRET` wins. Default `dev-only-change-me`.
+    pub jwt_secret: String,
+    /// Token lifetime in seconds. Default 7200.
+    pub token_ttl_s: u64,
+    /// Clock-skew leeway for `exp`/`nbf`, in seconds. Default 30.
+    pub leeway_s: u64,
+    /// Users for `users` mode.
+    pub users: Vec<UserEntry>,
+}
+
+/// One `[[auth.users]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    /// The user id.
+    pub uid: String,
+    /// An argon2 PHC string, as printed by `imgate hash-password`.
+    pub password_hash: String,
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Bearer keys accepted by `/api/*`. Env `IMGATE_API_KEY` replaces them. Default `["dev-api-key"]`.
+    pub keys: Vec<String>,
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Milliseconds to wait for an `ack` before pushing again. Default 1000.
+    pub ack_timeout_ms: u64,
+    /// Pushes after the first before `failed: timeout`. Default 3.
+    pub max_retries: u32,
+    /// Milliseconds a message waits for a recipient with no session. Default 5000.
+    pub hold_ms: u64,
+    /// Seconds a `(from, id)` outcome is remembered for dedup. Default 300.
+    pub dedup_window_s: u64,
+    /// Most `(from, id)` entries remembered per node; the oldest go first. Default 200000.
+    pub max_dedup_entries: usize,
+    /// Most messages held for one offline user; more fail `offline`. Default 1000.
+    pub max_held_per_user: usize,
+    /// Most messages in delivery at once on a node (pushed or held); more fail `rate_limited`. Default 1000000.
+    pub max_deliveries: usize,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest encoded `body` of a `send`, in bytes. Default 65536.
+    pub max_body_bytes: usize,
+    /// Largest WebSocket text frame answered with an `error` frame instead of being read, in
+    /// bytes. Default 131072. Frames over 4× this close the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Largest `/login` and `/api` request body, in bytes. Default 16384 (`/api/push` allows `max_body_bytes` + 16384).
+    pub max_login_body_bytes: usize,
+    /// Sends of one session waiting for an outcome; more fail `rate_limited`. Default 1024.
+    pub max_inflight_per_session: usize,
+    /// Sends per second per session (token bucket, burst of the same size). Default 2000.
+    pub sends_per_second: u32,
+    /// Un-acked `msg` pushes per session before it is closed as a slow consumer. Default 4096.
+    pub max_unacked_per_session: usize,
+    /// Frames queued towards one WebSocket before it is closed as a slow consumer. Default 4096.
+    pub outbound_queue: usize,
+    /// Sessions (devices) per user on a node; the oldest is closed when exceeded. Default 16.
+    pub max_sessions_per_user: usize,
+    /// WebSocket sessions per node; more are refused with 503. Default 200000.
+    pub max_sessions: usize,
+}
+
+/// `[websocket]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Interval of WebSocket ping control frames from the node, in milliseconds. Default 20000.
+    pub ping_interval_ms: u64,
+    /// A session that sends nothing (not even a pong) for this long is closed, in milliseconds. Default 60000.
+    pub idle_timeout_ms: u64,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Value of `Access-Control-Allow-Origin`. Default `*`.
+    pub cors_origin: String,
+    /// Bound on a graceful shutdown, in milliseconds. Default 10000.
+    pub shutdown_timeout_ms: u64,
+}
+
+/// One `[[nodes]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id, unique in the cluster.
+    pub id: String,
+    /// HTTP + WebSocket listen address.
+    pub http: SocketAddr,
+    /// Gossip (UDP) listen address.
+    pub gossip: SocketAddr,
+    /// QUIC (UDP) listen address.
+    pub quic: SocketAddr,
+    /// Public `host:port` used in URLs handed to clients; defaults to `http`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cluster: ClusterConfig::default(),
+            auth: AuthConfig::default(),
+            api: ApiConfig::default(),
+            delivery: DeliveryConfig::default(),
+            limits: LimitsConfig::default(),
+            websocket: WebSocketConfig::default(),
+            http: HttpConfig::default(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            id: "imgate-local".into(),
+            seeds: Vec::new(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Open,
+            jwt_secret: "dev-only-change-me".into(),
+            token_ttl_s: 7200,
+            leeway_s: 30,
+            users: Vec::new(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            keys: vec!["dev-api-key".into()],
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            ack_timeout_ms: 1000,
+            max_retries: 3,
+            hold_ms: 5000,
+            dedup_window_s: 300,
+            max_dedup_entries: 200_000,
+            max_held_per_user: 1000,
+            max_deliveries: 1_000_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_body_bytes: 64 * 1024,
+            max_frame_bytes: 128 * 1024,
+            max_login_body_bytes: 16 * 1024,
+            max_inflight_per_session: 1024,
+            sends_per_second: 2000,
+            max_unacked_per_session: 4096,
+            outbound_queue: 4096,
+            max_sessions_per_user: 16,
+            max_sessions: 200_000,
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            cors_origin: "*".into(),
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a file, then applies the environment overrides.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, key or value at fault.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no env overrides, no validation).
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] with the parser's message (it names the unknown or bad key).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies `IMGATE_JWT_SECRET` and `IMGATE_API_KEY` from `get` (the process env in `load`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(secret) = get("IMGATE_JWT_SECRET").filter(|s| !s.is_empty()) {
+            self.auth.jwt_secret = secret;
+        }
+        if let Some(key) = get("IMGATE_API_KEY").filter(|s| !s.is_empty()) {
+            self.api.keys = vec![key];
+        }
+    }
+
+    /// Checks values that parse but cannot work.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cluster.id.trim().is_empty() {
+            return Err(invalid("cluster.id", "must not be empty"));
+        }
+        if self.auth.jwt_secret.is_empty() {
+            return Err(invalid("auth.jwt_secret", "must not be empty"));
+        }
+        if self.auth.token_ttl_s == 0 {
+            return Err(invalid("auth.token_ttl_s", "must be at least 1 second"));
+        }
+        if self.auth.mode == AuthMode::Users && self.auth.users.is_empty() {
+            return Err(invalid(
+                "auth.users",
+                "mode = \"users\" needs at least one [[auth.users]] entry",
+            ));
+        }
+        let mut uids = HashSet::new();
+        for (i, user) in self.auth.users.iter().enumerate() {
+            if let Err(e) = crate::auth::validate_uid(&user.uid) {
+                return Err(invalid(&format!("auth.users[{i}].uid"), e));
+            }
+            if !uids.insert(user.uid.as_str()) {
+                return Err(invalid(
+                    &format!("auth.users[{i}].uid"),
+                    format!("`{}` is listed twice", user.uid),
+                ));
+            }
+            if argon2::PasswordHash::new(&user.password_hash).is_err() {
+                return Err(invalid(
+                    &format!("auth.users[{i}].password_hash"),
+                    "not an argon2 PHC string (make one with `imgate hash-password`)",
+                ));
+            }
+        }
+        if self.api.keys.iter().any(|k| k.is_empty()) {
+            return Err(invalid("api.keys", "keys must not be empty strings"));
+        }
+        let d = &self.delivery;
+        for (key, v) in [
+            ("delivery.ack_timeout_ms", d.ack_timeout_ms),
+            ("delivery.dedup_window_s", d.dedup_window_s),
+            ("delivery.max_dedup_entries", d.max_dedup_entries as u64),
+            ("delivery.max_held_per_user", d.max_held_per_user as u64),
+            ("delivery.max_deliveries", d.max_deliveries as u64),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.max_frame_bytes", l.max_frame_bytes),
+            ("limits.max_login_body_bytes", l.max_login_body_bytes),
+            ("limits.max_inflight_per_session", l.max_inflight_per_session),
+            ("limits.sends_per_second", l.sends_per_second as usize),
+            ("limits.max_unacked_per_session", l.max_unacked_per_session),
+            ("limits.outbound_queue", l.outbound_queue),
+            ("limits.max_sessions_per_user", l.max_sessions_per_user),
+            ("limits.max_sessions", l.max_sessions),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if l.max_frame_bytes < l.max_body_bytes {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                "must be at least limits.max_body_bytes",
+            ));
+        }
+        if self.websocket.ping_interval_ms == 0 {
+            return Err(invalid("websocket.ping_interval_ms", "must be greater than 0"));
+        }
+        if self.websocket.idle_timeout_ms <= self.websocket.ping_interval_ms {
+            return Err(invalid(
+                "websocket.idle_timeout_ms",
+                "must be longer than websocket.ping_interval_ms",
+            ));
+        }
+        if self.http.cors_origin.is_empty()
+            || axum::http::HeaderValue::from_str(&self.http.cors_origin).is_err()
+        {
+            return Err(invalid("http.cors_origin", "must be a valid header value"));
+        }
+        if self.nodes.is_empty() {
+            return Err(invalid("nodes", "at least one [[nodes]] entry is needed"));
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.id.is_empty() || n.id.len() > 64 || n.id.chars().any(|c| c.is_control()) {
+                return Err(invalid(
+                    &format!("nodes[{i}].id"),
+                    "must be 1 to 64 bytes without control characters",
+                ));
+            }
+            if !ids.insert(n.id.as_str()) {
+                return Err(invalid(
+                    &format!("nodes[{i}].id"),
+                    format!("`{}` is listed twice", n.id),
+                ));
+            }
+            for (what, a) in [("http", n.http), ("gossip", n.gossip), ("quic", n.quic)] {
+                if a.port() != 0 && !addrs.insert((a, what == "http")) {
+                    return Err(invalid(
+                        &format!("nodes[{i}].{what}"),
+                        format!("address {a} is used twice"),
+                    ));
+                }
+            }
+            if let Some(adv) = &n.advertise
+                && (adv.is_empty() || adv.contains('/') || adv.chars().any(char::is_whitespace))
+            {
+                return Err(invalid(
+                    &format!("nodes[{i}].advertise"),
+                    "must be host:port",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry of node `id`.
+    ///
+    /// # Errors
+    /// [`ConfigError::UnknownNode`] if the file does not list it.
+    pub fn node(&self, id: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| ConfigError::UnknownNode(id.to_string()))
+    }
+
+    /// A one-node configuration on `127.0.0.1:0` ports, for tests.
+    pub fn for_test() -> Config {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        Config {
+            nodes: vec![NodeConfig {
+                id: "n1".into(),
+                http: any,
+                gossip: any,
+                quic: any,
+                advertise: None,
+            }],
+            ..Config::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[cluster]
+id = "imgate-local"
+seeds = ["127.0.0.1:7001"]
+[auth]
+mode = "open"
+jwt_secret = "dev-only-change-me"
+token_ttl_s = 7200
+[api]
+keys = ["dev-api-key"]
+[delivery]
+ack_timeout_ms = 1000
+max_retries = 3
+hold_ms = 5000
+[[nodes]]
+id = "n1"
+http = "127.0.0.1:9501"
+gossip = "127.0.0.1:7001"
+quic = "127.0.0.1:7101"
+"#;
+
+    #[test]
+    fn sample_parses_and_validates() {
+        let cfg = Config::parse(SAMPLE).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.nodes[0].id, "n1");
+        assert_eq!(cfg.limits.max_body_bytes, 65536);
+    }
+
+    #[test]
+    fn shipped_cluster_toml_is_valid() {
+        let text = include_str!("../cluster.toml");
+        let cfg = Config::parse(text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.nodes.len(), 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{SAMPLE}\n[delivery2]\nx = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("delivery2"), "{err}");
+        let err = Config::parse(&SAMPLE.replace("max_retries", "max_retrys")).unwrap_err();
+        assert!(err.to_string().contains("max_retrys"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        cfg.delivery.ack_timeout_ms = 0;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("delivery.ack_timeout_ms"), "{err}");
+
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        cfg.auth.mode = AuthMode::Users;
+        assert!(cfg.validate().unwrap_err().to_string().contains("auth.users"));
+
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        cfg.nodes.push(cfg.nodes[0].clone());
+        assert!(cfg.validate().unwrap_err().to_string().contains("nodes[1].id"));
+
+        let err = Config::parse(&SAMPLE.replace("9501", "\"x\"")).unwrap_err();
+        assert!(err.to_string().contains("http"), "{err}");
+
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        cfg.auth.users.push(UserEntry {
+            uid: "a".into(),
+            password_hash: "plain".into(),
+        });
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.users[0].password_hash"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_win() {
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        cfg.apply_env(|k| match k {
+            "IMGATE_JWT_SECRET" => Some("from-env".into()),
+            "IMGATE_API_KEY" => Some("key-env".into()),
+            _ => None,
+        });
+        assert_eq!(cfg.auth.jwt_secret, "from-env");
+        assert_eq!(cfg.api.keys, vec!["key-env".to_string()]);
+    }
+
+    #[test]
+    fn unknown_node_id() {
+        let cfg = Config::parse(SAMPLE).unwrap();
+        assert!(matches!(cfg.node("n9"), Err(ConfigError::UnknownNode(_))));
+    }
+}

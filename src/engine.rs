@@ -1,0 +1,785 @@
+//! The delivery engine: every delivery rule of the protocol as a state machine with no IO.
+//!
+//! Inputs are method calls (a session opened or closed, a `send`, an `ack`, a message handed
+//! over by another node or the HTTP API, the passing of time); each takes `now` and appends
+//! [`Action`]s to an output buffer that a thin async driver ([`crate::node`]) carries out:
+//! frames to push to sessions, sessions to close, outcomes to report to waiters that are not
+//! local sessions, messages to forward to other nodes. Timers are not armed here: the driver
+//! asks [`Engine::next_deadline`] and calls [`Engine::tick`] when it passes.
+//!
+//! The engine has two halves that meet at [`Engine::deliver`]:
+//! - the **sender side** (`send`, `outcome`): per-session rate limit and in-flight bound, and
+//!   turning outcomes into `delivered`/`failed` frames for the sending session;
+//! - the **recipient side** (`deliver`, `ack`, timers): dedup of `(from, id)`, fan-out to every
+//!   session of the recipient, retries with the same `seq`, hold while the user has no session.
+//!
+//! A message whose sender lives on another node enters the recipient side with a
+//! [`Waiter::Remote`]; a message whose recipient lives elsewhere leaves the sender side as
+//! [`Action::Forward`]. That is the whole seam a cluster needs.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{DeliveryConfig, LimitsConfig};
+use crate::metrics::Metrics;
+use crate::protocol::{Body, FailReason, ServerFrame};
+
+/// A session, unique within a node for the node's lifetime.
+pub type SessionId = u64;
+
+/// A node id.
+pub type NodeId = Arc<str>;
+
+/// The engine's limits and timeouts, taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Wait for an ack before pushing again.
+    pub ack_timeout: Duration,
+    /// Pushes after the first.
+    pub max_retries: u32,
+    /// How long a message waits for a session.
+    pub hold: Duration,
+    /// How long a delivered `(from, id)` is remembered.
+    pub dedup_window: Duration,
+    /// Most remembered `(from, id)` outcomes.
+    pub max_dedup_entries: usize,
+    /// Most messages held for one user.
+    pub max_held_per_user: usize,
+    /// Most messages in delivery on this node.
+    pub max_deliveries: usize,
+    /// Most sends of one session waiting for an outcome.
+    pub max_inflight_per_session: usize,
+    /// Sends per second per session (bucket of the same size).
+    pub sends_per_second: u32,
+    /// Un-acked pushes before a session counts as a slow consumer.
+    pub max_unacked_per_session: usize,
+    /// Sessions per user; the oldest is closed beyond it.
+    pub max_sessions_per_user: usize,
+}
+
+impl EngineConfig {
+    /// From the `[delivery]` and `[limits]` sections.
+    pub fn from_config(d: &DeliveryConfig, l: &LimitsConfig) -> EngineConfig {
+        EngineConfig {
+            ack_timeout: Duration::from_millis(d.ack_timeout_ms),
+            max_retries: d.max_retries,
+            hold: Duration::from_millis(d.hold_ms),
+            dedup_window: Duration::from_secs(d.dedup_window_s),
+            max_dedup_entries: d.max_dedup_entries,
+            max_held_per_user: d.max_held_per_user,
+            max_deliveries: d.max_deliveries,
+            max_inflight_per_session: l.max_inflight_per_session,
+            sends_per_second: l.sends_per_second,
+            max_unacked_per_session: l.max_unacked_per_session,
+            max_sessions_per_user: l.max_sessions_per_user,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig::from_config(&DeliveryConfig::default(), &LimitsConfig::default())
+    }
+}
+
+/// A message in delivery.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Sender uid (`$system` for API pushes).
+    pub from: Arc<str>,
+    /// Sender's message id.
+    pub id: Arc<str>,
+    /// Recipient uid.
+    pub to: Arc<str>,
+    /// Raw JSON body.
+    pub body: Body,
+    /// Milliseconds since the epoch when the sender's node took it.
+    pub ts: u64,
+}
+
+/// The end of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A session of the recipient acked it.
+    Delivered,
+    /// It will not be delivered.
+    Failed(FailReason),
+}
+
+/// Who waits for the outcome of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waiter {
+    /// A session on this node sent it.
+    Session(SessionId),
+    /// An HTTP API request on this node (the driver's request number).
+    Api(u64),
+    /// A session on another node sent it.
+    Remote {
+        /// The sender's node.
+        node: NodeId,
+        /// The session there.
+        session: SessionId,
+    },
+}
+
+/// Where the owner of a recipient is, as the driver sees the ring now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This node owns the recipient.
+    Local,
+    /// Another node owns it.
+    Remote(NodeId),
+    /// No live, reachable node owns it.
+    Unreachable,
+}
+
+/// Why the engine closes a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Too many un-acked pushes, or its outbound queue was full.
+    SlowConsumer,
+    /// The user opened more sessions than allowed; this was the oldest.
+    Replaced,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Write `frame` to `session`.
+    Push {
+        /// Target session.
+        session: SessionId,
+        /// The frame.
+        frame: ServerFrame,
+    },
+    /// Close `session`; the engine already forgot it.
+    Close {
+        /// Target session.
+        session: SessionId,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// Tell a waiter that is not a local session how a message ended.
+    Report {
+        /// The waiter.
+        waiter: Waiter,
+        /// Sender uid.
+        from: Arc<str>,
+        /// Message id.
+        id: Arc<str>,
+        /// Recipient uid.
+        to: Arc<str>,
+        /// The outcome.
+        outcome: Outcome,
+    },
+    /// Hand `msg` to the recipient's owner `node`; its outcome comes back through
+    /// [`Engine::outcome`] for `session`.
+    Forward {
+        /// The owner.
+        node: NodeId,
+        /// The sending session on this node.
+        session: SessionId,
+        /// The message.
+        msg: Message,
+    },
+}
+
+type DeliveryId = u64;
+
+#[derive(Debug)]
+struct Delivery {
+    msg: Message,
+    waiters: Vec<Waiter>,
+    /// Live pushes: `(session, seq)` waiting for an ack.
+    pushes: Vec<(SessionId, u64)>,
+    /// Held (no session) until this instant.
+    held_until: Option<Instant>,
+    /// Times the message was placed (pushed to sessions or held); bounded.
+    placements: u32,
+    taken: Instant,
+}
+
+#[derive(Debug)]
+struct Pending {
+    delivery: DeliveryId,
+    retries: u32,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct Session {
+    uid: Arc<str>,
+    next_seq: u64,
+    /// Un-acked pushes by `seq`.
+    pending: BTreeMap<u64, Pending>,
+    /// Sends of this session waiting for an outcome: id -> how many.
+    inflight: HashMap<Arc<str>, u32>,
+    tokens: f64,
+    refilled: Instant,
+}
+
+#[derive(Debug, Default)]
+struct User {
+    /// Sessions, oldest first.
+    sessions: Vec<SessionId>,
+    /// Held deliveries, oldest first.
+    held: VecDeque<DeliveryId>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Dedup {
+    InFlight(DeliveryId),
+    Delivered(Instant),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Retry(SessionId, u64),
+    HoldExpiry(DeliveryId),
+}
+
+/// The delivery state machine of one node.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    sessions: HashMap<SessionId, Session>,
+    users: HashMap<Arc<str>, User>,
+    deliveries: HashMap<DeliveryId, Delivery>,
+    next_delivery: DeliveryId,
+    dedup: HashMap<(Arc<str>, Arc<str>), Dedup>,
+    /// Delivered dedup entries by expiry, oldest first.
+    dedup_order: VecDeque<(Instant, (Arc<str>, Arc<str>))>,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    held_count: usize,
+    /// Sessions found over their un-acked bound, closed once the current input is done (closing
+    /// in the middle of a fan-out would re-place the message onto sessions it is about to reach).
+    slow: Vec<SessionId>,
+}
+
+/// Most waiters on one delivery (repeated sends of an id in flight).
+const MAX_WAITERS: usize = 64;
+
+/// Most times one message is placed (pushed to the sessions of its recipient, or held): a
+/// message whose sessions keep closing before they ack ends in `failed: timeout`.
+pub const MAX_PLACEMENTS: u32 = 4;
+
+impl Engine {
+    /// An engine with no sessions.
+    pub fn new(cfg: EngineConfig, metrics: Arc<Metrics>) -> Engine {
+        Engine {
+            cfg,
+            metrics,
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            deliveries: HashMap::new(),
+            next_delivery: 1,
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            held_count: 0,
+            slow: Vec::new(),
+        }
+    }
+
+    // ----- sessions -------------------------------------------------------------------------
+
+    /// A session of `uid` is live. Messages held for the user are pushed to it.
+    pub fn open_session(&mut self, now: Instant, session: SessionId, uid: &str, out: &mut Vec<Action>) {
+        if self.sessions.contains_key(&session) {
+            return;
+        }
+        let uid: Arc<str> = match self.users.get_key_value(uid) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(uid),
+        };
+        self.sessions.insert(
+            session,
+            Session {
+                uid: uid.clone(),
+                next_seq: 1,
+                pending: BTreeMap::new(),
+                inflight: HashMap::new(),
+                tokens: f64::from(self.cfg.sends_per_second),
+                refilled: now,
+            },
+        );
+        let user = self.users.entry(uid.clone()).or_default();
+        user.sessions.push(session);
+        let oldest = (user.sessions.len() > self.cfg.max_sessions_per_user).then(|| user.sessions[0]);
+        if let Some(old) = oldest {
+            out.push(Action::Close {
+                session: old,
+                reason: CloseReason::Replaced,
+            });
+            self.drop_session(now, old, out);
+        }
+        let held: Vec<DeliveryId> = match self.users.get_mut(&uid) {
+            Some(user) => user.held.drain(..).collect(),
+            None => Vec::new(),
+        };
+        for did in held {
+            let Some(d) = self.deliveries.get_mut(&did) else {
+                continue;
+            };
+            if d.held_until.take().is_none() {
+                continue;
+            }
+            self.held_count -= 1;
+            self.push_to(now, did, session, out);
+        }
+        self.metrics.held.set(self.held_count as i64);
+        self.close_slow(now, out);
+    }
+
+    /// A session is gone. What it had not acked is pushed to the user's other sessions, or
+    /// held; its own sends in flight will end without a frame.
+    pub fn close_session(&mut self, now: Instant, session: SessionId, out: &mut Vec<Action>) {
+        self.drop_session(now, session, out);
+        self.close_slow(now, out);
+    }
+
+    fn drop_session(&mut self, now: Instant, session: SessionId, out: &mut Vec<Action>) {
+        let Some(s) = self.sessions.remove(&session) else {
+            return;
+        };
+        if let Some(user) = self.users.get_mut(&s.uid) {
+            user.sessions.retain(|&x| x != session);
+        }
+        for (seq, p) in s.pending {
+            let Some(d) = self.deliveries.get_mut(&p.delivery) else {
+                continue;
+            };
+            d.pushes.retain(|&(ss, sq)| !(ss == session && sq == seq));
+            if d.pushes.is_empty() {
+                self.place(now, p.delivery, out);
+            }
+        }
+        self.forget_user_if_idle(&s.uid);
+    }
+
+    /// Number of live sessions of `uid` on this node.
+    pub fn presence(&self, uid: &str) -> usize {
+        self.users.get(uid).map_or(0, |u| u.sessions.len())
+    }
+
+    /// The metrics this engine updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Number of live sessions on this node.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The uid of a live session.
+    pub fn session_uid(&self, session: SessionId) -> Option<&Arc<str>> {
+        self.sessions.get(&session).map(|s| &s.uid)
+    }
+
+    // ----- sender side ----------------------------------------------------------------------
+
+    /// A `send` from a local session. `route` is where the recipient's owner is now.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        id: &str,
+        to: &str,
+        body: Body,
+        ts: u64,
+        route: Route,
+        out: &mut Vec<Action>,
+    ) {
+        let cfg_rate = f64::from(self.cfg.sends_per_second);
+        let max_inflight = self.cfg.max_inflight_per_session;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
+        s.tokens = (s.tokens + elapsed * cfg_rate).min(cfg_rate);
+        s.refilled = now;
+        let refuse = if s.tokens < 1.0 {
+            Some(FailReason::RateLimited)
+        } else {
+            s.tokens -= 1.0;
+            let total: u32 = s.inflight.values().sum();
+            (total as usize >= max_inflight).then_some(FailReason::RateLimited)
+        };
+        let id: Arc<str> = Arc::from(id);
+        let to: Arc<str> = Arc::from(to);
+        if let Some(reason) = refuse {
+            self.metrics.failed(reason);
+            out.push(Action::Push {
+                session,
+                frame: ServerFrame::Failed { id, to, reason },
+            });
+            return;
+        }
+        *s.inflight.entry(id.clone()).or_insert(0) += 1;
+        let msg = Message {
+            from: s.uid.clone(),
+            id,
+            to,
+            body,
+            ts,
+        };
+        match route {
+            Route::Local => {
+                self.take(now, msg, Waiter::Session(session), out);
+                self.close_slow(now, out);
+            }
+            Route::Remote(node) => {
+                self.metrics.messages_forwarded.inc();
+                out.push(Action::Forward { node, session, msg });
+            }
+            Route::Unreachable => {
+                self.metrics.failed(FailReason::Unreachable);
+                self.outcome(session, &msg.id, &msg.to, Outcome::Failed(FailReason::Unreachable), out);
+            }
+        }
+    }
+
+    /// The outcome of a send of local `session` (from this engine or from another node).
+    /// Unknown sessions and ids are ignored: the sending session is gone.
+    pub fn outcome(&mut self, session: SessionId, id: &str, to: &str, outcome: Outcome, out: &mut Vec<Action>) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some((key, count)) = s.inflight.get_key_value(id).map(|(k, c)| (k.clone(), *c)) else {
+            return;
+        };
+        if count <= 1 {
+            s.inflight.remove(id);
+        } else {
+            s.inflight.insert(key.clone(), count - 1);
+        }
+        let to: Arc<str> = Arc::from(to);
+        let frame = match outcome {
+            Outcome::Delivered => ServerFrame::Delivered { id: key, to },
+            Outcome::Failed(reason) => ServerFrame::Failed { id: key, to, reason },
+        };
+        out.push(Action::Push { session, frame });
+    }
+
+    // ----- recipient side -------------------------------------------------------------------
+
+    /// Takes a message whose recipient this node owns; `waiter` learns the outcome.
+    pub fn deliver(&mut self, now: Instant, msg: Message, waiter: Waiter, out: &mut Vec<Action>) {
+        self.take(now, msg, waiter, out);
+        self.close_slow(now, out);
+    }
+
+    fn take(&mut self, now: Instant, msg: Message, waiter: Waiter, out: &mut Vec<Action>) {
+        let key = (msg.from.clone(), msg.id.clone());
+        match self.dedup.get(&key) {
+            Some(Dedup::InFlight(did)) => {
+                let did = *did;
+                self.metrics.duplicates.inc();
+                let d = self.deliveries.get_mut(&did).expect("in-flight dedup entry has a delivery");
+                if d.waiters.len() < MAX_WAITERS {
+                    d.waiters.push(waiter);
+                } else {
+                    self.report(waiter, &msg, Outcome::Failed(FailReason::RateLimited), out);
+                }
+                return;
+            }
+            Some(Dedup::Delivered(_)) => {
+                self.metrics.duplicates.inc();
+                self.report(waiter, &msg, Outcome::Delivered, out);
+                return;
+            }
+            None => {}
+        }
+        if self.deliveries.len() >= self.cfg.max_deliveries {
+            self.report(waiter, &msg, Outcome::Failed(FailReason::RateLimited), out);
+            return;
+        }
+        self.metrics.messages_in.inc();
+        let did = self.next_delivery;
+        self.next_delivery += 1;
+        self.dedup.insert(key, Dedup::InFlight(did));
+        self.deliveries.insert(
+            did,
+            Delivery {
+                msg,
+                waiters: vec![waiter],
+                pushes: Vec::new(),
+                held_until: None,
+                placements: 0,
+                taken: now,
+            },
+        );
+        self.place(now, did, out);
+    }
+
+    /// An `ack` from a local session. Unknown or already acked `seq`s are ignored.
+    pub fn ack(&mut self, now: Instant, session: SessionId, seq: u64, out: &mut Vec<Action>) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(p) = s.pending.remove(&seq) else {
+            return;
+        };
+        let Some(d) = self.deliveries.get_mut(&p.delivery) else {
+            return;
+        };
+        d.pushes.retain(|&(ss, sq)| !(ss == session && sq == seq));
+        self.metrics
+            .delivery_latency
+            .observe(now.saturating_duration_since(d.taken).as_secs_f64());
+        self.finish(now, p.delivery, Outcome::Delivered, out);
+    }
+
+    /// The earliest instant at which [`Engine::tick`] has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        let dedup = self.dedup_order.front().map(|(t, _)| *t);
+        match (timer, dedup) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs every timer due at `now`: retries, timeouts, hold expiry, dedup expiry.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Retry(session, seq) => self.retry(now, at, session, seq, out),
+                Timer::HoldExpiry(did) => {
+                    let due = self
+                        .deliveries
+                        .get(&did)
+                        .is_some_and(|d| d.held_until == Some(at));
+                    if due {
+                        let uid = self.deliveries[&did].msg.to.clone();
+                        if let Some(user) = self.users.get_mut(&uid) {
+                            user.held.retain(|&x| x != did);
+                        }
+                        self.deliveries.get_mut(&did).expect("checked").held_until = None;
+                        self.held_count -= 1;
+                        self.metrics.held.set(self.held_count as i64);
+                        self.finish(now, did, Outcome::Failed(FailReason::Offline), out);
+                        self.forget_user_if_idle(&uid);
+                    }
+                }
+            }
+        }
+        while let Some((at, _)) = self.dedup_order.front() {
+            if *at > now {
+                break;
+            }
+            let (at, key) = self.dedup_order.pop_front().expect("peeked");
+            if matches!(self.dedup.get(&key), Some(Dedup::Delivered(t)) if *t == at) {
+                self.dedup.remove(&key);
+            }
+        }
+    }
+
+    /// Messages in delivery (pushed or held) on this node.
+    pub fn deliveries_in_flight(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// Remembered `(from, id)` entries.
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+
+    // ----- internals ------------------------------------------------------------------------
+
+    /// Pushes a delivery to every session of its recipient, or holds it.
+    fn place(&mut self, now: Instant, did: DeliveryId, out: &mut Vec<Action>) {
+        let d = self.deliveries.get_mut(&did).expect("placing a live delivery");
+        if d.placements >= MAX_PLACEMENTS {
+            self.finish(now, did, Outcome::Failed(FailReason::Timeout), out);
+            return;
+        }
+        d.placements += 1;
+        let to = d.msg.to.clone();
+        let sessions: Vec<SessionId> = self
+            .users
+            .get(&to)
+            .map(|u| u.sessions.clone())
+            .unwrap_or_default();
+        if !sessions.is_empty() {
+            for session in sessions {
+                self.push_to(now, did, session, out);
+            }
+            return;
+        }
+        let user = self.users.entry(to.clone()).or_default();
+        if user.held.len() >= self.cfg.max_held_per_user {
+            self.finish(now, did, Outcome::Failed(FailReason::Offline), out);
+            self.forget_user_if_idle(&to);
+            return;
+        }
+        user.held.push_back(did);
+        let until = now + self.cfg.hold;
+        d_mut(&mut self.deliveries, did).held_until = Some(until);
+        self.held_count += 1;
+        self.metrics.held.set(self.held_count as i64);
+        self.timers.push(Reverse((until, Timer::HoldExpiry(did))));
+    }
+
+    /// Pushes a delivery to one session with a new `seq`.
+    fn push_to(&mut self, now: Instant, did: DeliveryId, session: SessionId, out: &mut Vec<Action>) {
+        let max_unacked = self.cfg.max_unacked_per_session;
+        let deadline = now + self.cfg.ack_timeout;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        s.pending.insert(
+            seq,
+            Pending {
+                delivery: did,
+                retries: 0,
+                deadline,
+            },
+        );
+        let slow = s.pending.len() > max_unacked;
+        let d = d_mut(&mut self.deliveries, did);
+        d.pushes.push((session, seq));
+        out.push(Action::Push {
+            session,
+            frame: msg_frame(seq, &d.msg),
+        });
+        self.metrics.messages_out.inc();
+        self.timers.push(Reverse((deadline, Timer::Retry(session, seq))));
+        if slow && !self.slow.contains(&session) {
+            self.slow.push(session);
+        }
+    }
+
+    /// Closes the sessions found slow while handling the last input.
+    fn close_slow(&mut self, now: Instant, out: &mut Vec<Action>) {
+        while let Some(session) = self.slow.pop() {
+            if self.sessions.contains_key(&session) {
+                self.metrics.slow_consumers.inc();
+                out.push(Action::Close {
+                    session,
+                    reason: CloseReason::SlowConsumer,
+                });
+                self.drop_session(now, session, out);
+            }
+        }
+    }
+
+    fn retry(&mut self, now: Instant, at: Instant, session: SessionId, seq: u64, out: &mut Vec<Action>) {
+        let max_retries = self.cfg.max_retries;
+        let ack_timeout = self.cfg.ack_timeout;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(p) = s.pending.get_mut(&seq) else {
+            return;
+        };
+        if p.deadline != at {
+            return;
+        }
+        if p.retries < max_retries {
+            p.retries += 1;
+            p.deadline = now + ack_timeout;
+            let deadline = p.deadline;
+            let did = p.delivery;
+            let d = &self.deliveries[&did];
+            out.push(Action::Push {
+                session,
+                frame: msg_frame(seq, &d.msg),
+            });
+            self.metrics.retries.inc();
+            self.timers.push(Reverse((deadline, Timer::Retry(session, seq))));
+            return;
+        }
+        let did = p.delivery;
+        s.pending.remove(&seq);
+        let d = d_mut(&mut self.deliveries, did);
+        d.pushes.retain(|&(ss, sq)| !(ss == session && sq == seq));
+        if d.pushes.is_empty() {
+            self.finish(now, did, Outcome::Failed(FailReason::Timeout), out);
+        }
+    }
+
+    /// Ends a delivery: tells every waiter, cancels the other pushes, updates dedup.
+    fn finish(&mut self, now: Instant, did: DeliveryId, outcome: Outcome, out: &mut Vec<Action>) {
+        let Some(d) = self.deliveries.remove(&did) else {
+            return;
+        };
+        for (session, seq) in &d.pushes {
+            if let Some(s) = self.sessions.get_mut(session) {
+                s.pending.remove(seq);
+            }
+        }
+        let key = (d.msg.from.clone(), d.msg.id.clone());
+        match outcome {
+            Outcome::Delivered => {
+                self.metrics.delivered.inc();
+                let until = now + self.cfg.dedup_window;
+                self.dedup.insert(key.clone(), Dedup::Delivered(until));
+                self.dedup_order.push_back((until, key));
+                while self.dedup.len() > self.cfg.max_dedup_entries {
+                    let Some((at, old)) = self.dedup_order.pop_front() else {
+                        break;
+                    };
+                    if matches!(self.dedup.get(&old), Some(Dedup::Delivered(t)) if *t == at) {
+                        self.dedup.remove(&old);
+                    }
+                }
+            }
+            Outcome::Failed(reason) => {
+                self.metrics.failed(reason);
+                self.dedup.remove(&key);
+            }
+        }
+        for waiter in d.waiters {
+            self.report(waiter, &d.msg, outcome, out);
+        }
+    }
+
+    fn report(&mut self, waiter: Waiter, msg: &Message, outcome: Outcome, out: &mut Vec<Action>) {
+        match waiter {
+            Waiter::Session(session) => self.outcome(session, &msg.id, &msg.to, outcome, out),
+            other => out.push(Action::Report {
+                waiter: other,
+                from: msg.from.clone(),
+                id: msg.id.clone(),
+                to: msg.to.clone(),
+                outcome,
+            }),
+        }
+    }
+
+    fn forget_user_if_idle(&mut self, uid: &Arc<str>) {
+        if let Entry::Occupied(e) = self.users.entry(uid.clone())
+            && e.get().sessions.is_empty()
+            && e.get().held.is_empty()
+        {
+            e.remove();
+        }
+    }
+}
+
+fn d_mut(deliveries: &mut HashMap<DeliveryId, Delivery>, did: DeliveryId) -> &mut Delivery {
+    deliveries.get_mut(&did).expect("live delivery")
+}
+
+fn msg_frame(seq: u64, msg: &Message) -> ServerFrame {
+    ServerFrame::Msg {
+        seq,
+        from: msg.from.clone(),
+        id: msg.id.clone(),
+        body: msg.body.clone(),
+        ts: msg.ts,
+    }
+}

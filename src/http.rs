@@ -1,0 +1,536 @@
+//! The HTTP side of a node: login, WebSocket upgrade, backend API, operations, chat page.
+//!
+//! Two middlewares wrap every route: CORS (every response carries
+//! `Access-Control-Allow-Origin`; `OPTIONS` on any path answers 204) and JSON errors (any
+//! error response that is not JSON yet, such as axum's own 404/405 or upgrade rejections,
+//! is rewritten to `{"error", "message"}`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{TokenError, random_id, unix_now, validate_uid, verify_password};
+use crate::config::AuthMode;
+use crate::engine::{Message, Outcome};
+use crate::node::{Command, Shared};
+use crate::protocol::MAX_ID_BYTES;
+
+/// An HTTP error: a status and a JSON body `{"error": code, "message": text}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// Human text.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+/// The router of a node, with its middlewares.
+pub fn router(shared: Arc<Shared>, tracker: TaskTracker) -> Router {
+    let state = AppState { shared, tracker };
+    Router::new()
+        .route("/", get(page))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/login", post(login))
+        .route("/ws", get(ws_upgrade))
+        .route("/health", get(health))
+        .route("/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .route("/api/push", post(api_push))
+        .route("/api/presence/{uid}", get(api_presence))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
+        .with_state(state)
+}
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+}
+
+async fn cors(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let origin = HeaderValue::from_str(&state.shared.cfg.http.cors_origin)
+        .unwrap_or_else(|_| HeaderValue::from_static("*"));
+    let mut resp = if req.method() == Method::OPTIONS {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("Content-Type, Authorization"),
+        );
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        r
+    } else {
+        next.run(req).await
+    };
+    resp.headers_mut()
+        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    resp
+}
+
+/// Rewrites error responses that are not JSON (axum's own rejections) into JSON errors.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let detail = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+    let code = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        _ => "error",
+    };
+    let mut out = ApiError::new(status, code, detail).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let s = &state.shared;
+    if s.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "stopping", "node": &*s.node_id, "members": 1})),
+        )
+            .into_response();
+    }
+    Json(json!({"status": "ok", "node": &*s.node_id, "members": 1})).into_response()
+}
+
+async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let s = &state.shared;
+    let me = s.cfg.node(&s.node_id).ok();
+    Json(json!({
+        "node": &*s.node_id,
+        "cluster_id": s.cfg.cluster.id,
+        "ring_version": 1,
+        "members": [{
+            "id": &*s.node_id,
+            "http": s.http_addr.to_string(),
+            "url": &*s.ws_url,
+            "gossip": me.map(|n| n.gossip.to_string()),
+            "quic": me.map(|n| n.quic.to_string()),
+            "live": true,
+            "self": true,
+        }],
+    }))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.shared.metrics.encode(),
+    )
+        .into_response()
+}
+
+// ----- login --------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct LoginBody {
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Form,
+}
+
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(BodyKind::Json),
+        "application/x-www-form-urlencoded" => Ok(BodyKind::Form),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json or application/x-www-form-urlencoded",
+        )),
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body over the limit of {limit} bytes"),
+        )
+    })
+}
+
+/// An argon2 hash of a random password, verified against when the uid is unknown so that
+/// unknown and known uids take the same time.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| crate::auth::hash_password(&random_id()).expect("hashing a random id"))
+}
+
+async fn login(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let result = do_login(&state.shared, &headers, body).await;
+    state.shared.metrics.login(result.is_ok());
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn do_login(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<serde_json::Value, ApiError> {
+    let kind = body_kind(headers)?;
+    let bytes = read_body(body, shared.cfg.limits.max_login_body_bytes).await?;
+    let parsed: LoginBody = match kind {
+        BodyKind::Json => serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request(format!(
+                "body must be a JSON object with string fields uid and password: {e}"
+            ))
+        })?,
+        BodyKind::Form => serde_urlencoded::from_bytes(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("malformed form body: {e}")))?,
+    };
+    let uid = parsed
+        .uid
+        .or(parsed.id)
+        .ok_or_else(|| ApiError::bad_request("uid is required"))?;
+    validate_uid(&uid).map_err(ApiError::bad_request)?;
+    if shared.cfg.auth.mode == AuthMode::Users {
+        let password = parsed
+            .password
+            .ok_or_else(|| ApiError::bad_request("password is required"))?;
+        let entry = shared.cfg.auth.users.iter().find(|u| u.uid == uid);
+        let hash = entry.map_or_else(|| decoy_hash().to_string(), |u| u.password_hash.clone());
+        let _permit = shared
+            .password_checks
+            .acquire()
+            .await
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
+        let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .unwrap_or(false);
+        if !ok || entry.is_none() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                "unknown uid or wrong password",
+            ));
+        }
+    }
+    let owner = shared.owner_of(&uid).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_nodes",
+            "no live node can take this user",
+        )
+    })?;
+    let (token, claims) = shared.tokens.issue(&uid, &owner.node, &owner.url, unix_now());
+    Ok(json!({
+        "token": token,
+        "url": &*owner.url,
+        "node": &*owner.node,
+        "expires_at": claims.exp,
+    }))
+}
+
+// ----- WebSocket upgrade -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+fn token_from(req_query: Option<&str>, headers: &HeaderMap) -> Option<String> {
+    if let Some(q) = req_query
+        && let Ok(TokenQuery { token: Some(t) }) = serde_urlencoded::from_str::<TokenQuery>(q)
+        && !t.is_empty()
+    {
+        return Some(t);
+    }
+    bearer(headers).map(str::to_string)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
+}
+
+async fn ws_upgrade(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let shared = state.shared.clone();
+    let token = token_from(uri.query(), &headers);
+    let claims = match token.ok_or(TokenError::Missing).and_then(|t| shared.tokens.verify(&t)) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e {
+                TokenError::Missing => "missing_token",
+                TokenError::Expired => "token_expired",
+                TokenError::NotYetValid => "token_not_yet_valid",
+                TokenError::Invalid(_) => "invalid_token",
+            };
+            return ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string()).into_response();
+        }
+    };
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => return rejection.into_response(),
+    };
+    if shared.shutdown.is_cancelled() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping")
+            .into_response();
+    }
+    let limits = &shared.cfg.limits;
+    let upgrade = upgrade
+        .max_message_size(limits.max_frame_bytes.saturating_mul(4))
+        .max_frame_size(limits.max_frame_bytes.saturating_mul(4))
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0);
+    let uid: Arc<str> = Arc::from(claims.sub.as_str());
+    match shared.owner_of(&uid) {
+        Some(owner) if owner.node == shared.node_id => {}
+        Some(owner) => {
+            let (url, node) = (owner.url.to_string(), owner.node.to_string());
+            return upgrade.on_upgrade(move |socket| crate::session::send_moved(socket, url, node));
+        }
+        None => {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node can take this user")
+                .into_response();
+        }
+    }
+    let live = shared
+        .live_sessions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if live >= limits.max_sessions {
+        shared
+            .live_sessions
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_sessions", "this node is full")
+            .into_response();
+    }
+    shared.metrics.connections.inc();
+    let tracker = state.tracker.clone();
+    upgrade
+        .on_failed_upgrade({
+            let shared = shared.clone();
+            move |_| {
+                shared
+                    .live_sessions
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .on_upgrade(move |socket| {
+            let task = tracker.track_future(crate::session::run(shared, socket, uid));
+            async move { task.await }
+        })
+}
+
+// ----- backend API --------------------------------------------------------------------------
+
+fn check_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = bearer(headers).ok_or_else(|| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing Authorization: Bearer <api key>")
+    })?;
+    let ok = shared
+        .cfg
+        .api
+        .keys
+        .iter()
+        .any(|k| constant_time_eq(k.as_bytes(), given.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid api key"))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct PushBody {
+    to: Option<serde_json::Value>,
+    body: Option<Box<RawValue>>,
+    id: Option<serde_json::Value>,
+    wait_ms: Option<u64>,
+}
+
+/// Longest `wait_ms` honoured by `/api/push`, in milliseconds.
+const MAX_WAIT_MS: u64 = 60_000;
+
+async fn api_push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let shared = &state.shared;
+    check_api_key(shared, &headers)?;
+    if body_kind(&headers)? != BodyKind::Json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json",
+        ));
+    }
+    let limit = shared.cfg.limits.max_body_bytes + shared.cfg.limits.max_login_body_bytes;
+    let bytes = read_body(body, limit).await?;
+    let req: PushBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
+    let to = match req.to {
+        Some(serde_json::Value::String(s)) if validate_uid(&s).is_ok() => s,
+        _ => return Err(ApiError::bad_request("`to` must be a uid: 1 to 128 bytes, no control characters")),
+    };
+    let id = match req.id {
+        None | Some(serde_json::Value::Null) => random_id(),
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => s,
+        _ => return Err(ApiError::bad_request("`id` must be a string of 1 to 64 bytes")),
+    };
+    let body = req.body.map(|b| b.get().to_string()).unwrap_or_else(|| "null".into());
+    if body.len() > shared.cfg.limits.max_body_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body over the limit of {} bytes", shared.cfg.limits.max_body_bytes),
+        ));
+    }
+    let body: crate::protocol::Body = Arc::from(RawValue::from_string(body).expect("valid JSON text"));
+    let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
+    let (reply, outcome) = oneshot::channel();
+    let msg = Message {
+        from: Arc::from("$system"),
+        id: Arc::from(id.as_str()),
+        to: Arc::from(to.as_str()),
+        body,
+        ts: crate::session::now_ms(),
+    };
+    shared
+        .engine
+        .send(Command::Push { msg, reply })
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
+    Ok(match tokio::time::timeout(wait, outcome).await {
+        Ok(Ok(Outcome::Delivered)) => Json(json!({"status": "delivered", "id": id})).into_response(),
+        Ok(Ok(Outcome::Failed(reason))) => {
+            Json(json!({"status": "failed", "reason": reason.as_str(), "id": id})).into_response()
+        }
+        Ok(Err(_)) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"));
+        }
+        Err(_) => (StatusCode::ACCEPTED, Json(json!({"status": "pending", "id": id}))).into_response(),
+    })
+}
+
+async fn api_presence(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(uid): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let shared = &state.shared;
+    check_api_key(shared, &headers)?;
+    validate_uid(&uid).map_err(ApiError::bad_request)?;
+    let owner = shared
+        .owner_of(&uid)
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node"))?;
+    let (reply, answer) = oneshot::channel();
+    shared
+        .engine
+        .send(Command::Presence { uid: uid.clone(), reply })
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
+    let sessions = answer
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
+    Ok(Json(json!({
+        "uid": uid,
+        "online": sessions > 0,
+        "node": &*owner.node,
+        "sessions": sessions,
+    })))
+}

@@ -1,0 +1,20 @@
+//! imgate: a storage-free instant-messaging gateway cluster with end-to-end delivery acks.
+//!
+//! Modules, one concern each:
+//! - [`config`]: `cluster.toml`, defaults, env overrides, validation.
+//! - [`auth`]: uid rules, JWT issue/verify, argon2 passwords.
+//! - [`protocol`]: client WebSocket frames (parse) and node frames (encode).
+//! - [`engine`]: the delivery rules as a state machine without IO.
+//! - [`metrics`]: Prometheus metrics of a node.
+//! - [`node`]: a running node: the engine driver, sessions and the HTTP server.
+//! - [`http`]: the HTTP routes (login, API, operations, chat page) and JSON errors.
+//! - [`session`]: one WebSocket session.
+
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod protocol;
+pub mod http;
+pub mod node;
+pub mod session;

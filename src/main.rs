@@ -1,0 +1,101 @@
+//! The `imgate` binary: parses flags, loads the configuration, sets up logging, runs.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// imgate: a storage-free instant-messaging gateway cluster with end-to-end delivery acks.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node of the cluster file (graceful shutdown on SIGINT/SIGTERM).
+    Node {
+        /// The cluster file.
+        #[arg(long, short, default_value = "cluster.toml")]
+        config: PathBuf,
+        /// Which `[[nodes]]` entry this process is.
+        #[arg(long)]
+        id: String,
+    },
+    /// Print an argon2id hash for an `[[auth.users]]` entry. Reads the password from
+    /// stdin (one line) unless --password is given.
+    HashPassword {
+        /// The password (visible in the process list and shell history: prefer stdin).
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IMGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::HashPassword { password } => {
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprintln!("password (then Enter):");
+                    }
+                    let mut line = String::new();
+                    std::io::stdin().lock().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            anyhow::ensure!(!password.is_empty(), "empty password");
+            let hash = imgate::auth::hash_password(&password)
+                .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
+        Cmd::Node { config, id } => {
+            init_tracing();
+            let cfg = imgate::config::Config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            rt.block_on(async move {
+                let node = imgate::node::start(cfg, &id).await?;
+                tokio::select! {
+                    _ = stop_signal() => tracing::info!("signal received, shutting down"),
+                    _ = node.stopped() => {}
+                }
+                node.shutdown().await;
+                tracing::info!("stopped");
+                anyhow::Ok(())
+            })
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Prometheus metrics of one node, served as text at `GET /metrics`.
+//!
+//! Every metric is an atomic handle, so the delivery engine and the sessions update them
+//! without locks; the registry is only locked when `/metrics` encodes it.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::protocol::FailReason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// The node's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// WebSocket upgrades accepted.
+    pub connections: Counter,
+    /// Live WebSocket sessions (`imgate_sessions`).
+    pub sessions: Gauge,
+    /// Sends taken into delivery on this node (local sends, API pushes, forwarded in).
+    pub messages_in: Counter,
+    /// `msg` frames pushed to sessions, first pushes only.
+    pub messages_out: Counter,
+    /// Messages forwarded to another node.
+    pub messages_forwarded: Counter,
+    /// Messages acked end to end.
+    pub delivered: Counter,
+    failed: [Counter; 6],
+    /// Pushes repeated after `ack_timeout_ms`.
+    pub retries: Counter,
+    /// Sends answered from the dedup window instead of delivered again.
+    pub duplicates: Counter,
+    /// Messages currently held for users with no session.
+    pub held: Gauge,
+    /// Sessions closed because they did not keep up.
+    pub slow_consumers: Counter,
+    /// Client frames answered with `error`.
+    pub frame_errors: Counter,
+    logins_ok: Counter,
+    logins_refused: Counter,
+    /// QUIC peers connected.
+    pub quic_peers: Gauge,
+    /// Live gossip members, this node included.
+    pub gossip_members: Gauge,
+    /// Seconds from taking a message to its first ack.
+    pub delivery_latency: Histogram,
+    /// Seconds from forwarding a message to another node until its outcome came back.
+    pub forward_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every imgate metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("imgate");
+        let connections = Counter::default();
+        registry.register(
+            "connections",
+            "WebSocket upgrades accepted",
+            connections.clone(),
+        );
+        let sessions = Gauge::default();
+        registry.register("sessions", "Live WebSocket sessions", sessions.clone());
+        let messages_in = Counter::default();
+        registry.register(
+            "messages_in",
+            "Messages taken into delivery on this node",
+            messages_in.clone(),
+        );
+        let messages_out = Counter::default();
+        registry.register(
+            "messages_out",
+            "msg frames pushed to sessions (first pushes)",
+            messages_out.clone(),
+        );
+        let messages_forwarded = Counter::default();
+        registry.register(
+            "messages_forwarded",
+            "Messages forwarded to another node",
+            messages_forwarded.clone(),
+        );
+        let delivered = Counter::default();
+        registry.register(
+            "delivered",
+            "Messages acked end to end",
+            delivered.clone(),
+        );
+        let failed_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "failed",
+            "Messages that ended in failed, by reason",
+            failed_family.clone(),
+        );
+        let failed = FailReason::ALL.map(|r| {
+            failed_family.get_or_create_owned(&ReasonLabel {
+                reason: r.as_str(),
+            })
+        });
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Pushes repeated after the ack timeout",
+            retries.clone(),
+        );
+        let duplicates = Counter::default();
+        registry.register(
+            "duplicates",
+            "Sends answered from the dedup window",
+            duplicates.clone(),
+        );
+        let held = Gauge::default();
+        registry.register(
+            "held",
+            "Messages held for users with no session",
+            held.clone(),
+        );
+        let slow_consumers = Counter::default();
+        registry.register(
+            "slow_consumers",
+            "Sessions closed for not keeping up",
+            slow_consumers.clone(),
+        );
+        let frame_errors = Counter::default();
+        registry.register(
+            "frame_errors",
+            "Client frames answered with an error frame",
+            frame_errors.clone(),
+        );
+        let logins = Family::<ResultLabel, Counter>::default();
+        registry.register("logins", "Logins by result", logins.clone());
+        let logins_ok = logins.get_or_create_owned(&ResultLabel { result: "ok" });
+        let logins_refused = logins.get_or_create_owned(&ResultLabel { result: "refused" });
+        let quic_peers = Gauge::default();
+        registry.register("quic_peers", "QUIC peers connected", quic_peers.clone());
+        let gossip_members = Gauge::default();
+        registry.register(
+            "gossip_members",
+            "Live gossip members, this node included",
+            gossip_members.clone(),
+        );
+        let delivery_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from taking a message to its first ack",
+            delivery_latency.clone(),
+        );
+        let forward_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "forward_latency_seconds",
+            "Time from forwarding a message until its outcome came back",
+            forward_latency.clone(),
+        );
+        Metrics {
+            registry,
+            connections,
+            sessions,
+            messages_in,
+            messages_out,
+            messages_forwarded,
+            delivered,
+            failed,
+            retries,
+            duplicates,
+            held,
+            slow_consumers,
+            frame_errors,
+            logins_ok,
+            logins_refused,
+            quic_peers,
+            gossip_members,
+            delivery_latency,
+            forward_latency,
+        }
+    }
+
+    /// Counts one `failed` outcome.
+    pub fn failed(&self, reason: FailReason) {
+        let i = FailReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("ALL lists every reason");
+        self.failed[i].inc();
+    }
+
+    /// Counts one login.
+    pub fn login(&self, ok: bool) {
+        if ok {
+            self.logins_ok.inc();
+        } else {
+            self.logins_refused.inc();
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,363 @@
+//! The client WebSocket protocol: parsing client frames and encoding node frames.
+//!
+//! Parsing never touches a socket and never panics: any text yields either a request or a
+//! [`FrameError`] that the session answers with an `error` frame (or `failed`, for a `send`
+//! whose `id` could be read; see delivery rule 1 of the protocol).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::auth::validate_uid;
+
+/// Longest message `id`, in bytes.
+pub const MAX_ID_BYTES: usize = 64;
+
+/// A message body: raw JSON text, shared by every push of the message.
+pub type Body = Arc<RawValue>;
+
+/// A request read from a client frame.
+#[derive(Debug, Clone)]
+pub enum ClientFrame {
+    /// `send`.
+    Send {
+        /// Sender-chosen message id.
+        id: String,
+        /// Recipient uid.
+        to: String,
+        /// Raw JSON body.
+        body: Body,
+    },
+    /// `ack`.
+    Ack {
+        /// The acked `seq`.
+        seq: u64,
+    },
+    /// `ping`.
+    Ping,
+}
+
+/// Why the frame was refused; maps to an `error` frame or, with an id, a `failed` outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// Not a JSON object, no `type`, or a field of the wrong kind: `error` with `bad_frame`.
+    BadFrame(String),
+    /// A `type` this node does not know: `error` with `unknown_type`.
+    UnknownType(String),
+    /// A `send` with a usable `id` that is refused on the spot: `failed` with `reason`.
+    Refused {
+        /// The message id.
+        id: String,
+        /// The recipient as sent, or empty when it was not a string.
+        to: String,
+        /// The failure reason.
+        reason: FailReason,
+    },
+}
+
+/// Why a message will not be delivered (the `reason` of a `failed` frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// The recipient had no session within `hold_ms`.
+    Offline,
+    /// No session acked within the retries.
+    Timeout,
+    /// The recipient's owner could not be reached.
+    Unreachable,
+    /// The body was over `max_body`.
+    TooLarge,
+    /// A per-session or per-node limit refused the send.
+    RateLimited,
+    /// The request was not acceptable (bad `to`, ...).
+    Invalid,
+}
+
+impl FailReason {
+    /// Every reason, for metrics labels.
+    pub const ALL: [FailReason; 6] = [
+        FailReason::Offline,
+        FailReason::Timeout,
+        FailReason::Unreachable,
+        FailReason::TooLarge,
+        FailReason::RateLimited,
+        FailReason::Invalid,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::Offline => "offline",
+            FailReason::Timeout => "timeout",
+            FailReason::Unreachable => "unreachable",
+            FailReason::TooLarge => "too_large",
+            FailReason::RateLimited => "rate_limited",
+            FailReason::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    to: Option<&'a RawValue>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    seq: Option<&'a RawValue>,
+}
+
+fn as_string(raw: Option<&RawValue>) -> Option<String> {
+    raw.and_then(|r| serde_json::from_str::<String>(r.get()).ok())
+}
+
+/// Parses one text frame. `max_body` is the largest encoded body accepted.
+///
+/// # Errors
+/// [`FrameError`] describing what the session must answer.
+pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, FrameError> {
+    let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
+        FrameError::BadFrame(format!("frame must be a JSON object with a `type`: {e}"))
+    })?;
+    let ty = as_string(env.ty)
+        .ok_or_else(|| FrameError::BadFrame("`type` must be a string".into()))?;
+    match ty.as_str() {
+        "send" => {
+            let id = as_string(env.id)
+                .filter(|id| !id.is_empty() && id.len() <= MAX_ID_BYTES)
+                .ok_or_else(|| {
+                    FrameError::BadFrame("`send` needs an `id`: a string of 1 to 64 bytes".into())
+                })?;
+            let to = as_string(env.to);
+            let Some(to) = to.filter(|t| validate_uid(t).is_ok()) else {
+                return Err(FrameError::Refused {
+                    to: as_string(env.to).unwrap_or_default(),
+                    id,
+                    reason: FailReason::Invalid,
+                });
+            };
+            let body = env.body.map(RawValue::get).unwrap_or("null");
+            if body.len() > max_body {
+                return Err(FrameError::Refused {
+                    id,
+                    to,
+                    reason: FailReason::TooLarge,
+                });
+            }
+            let body: Body = Arc::from(
+                RawValue::from_string(body.to_string()).expect("slice of valid JSON is valid"),
+            );
+            Ok(ClientFrame::Send { id, to, body })
+        }
+        "ack" => {
+            let seq = env
+                .seq
+                .and_then(|r| serde_json::from_str::<u64>(r.get()).ok())
+                .ok_or_else(|| {
+                    FrameError::BadFrame("`ack` needs `seq`: a non-negative integer".into())
+                })?;
+            Ok(ClientFrame::Ack { seq })
+        }
+        "ping" => Ok(ClientFrame::Ping),
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            Err(FrameError::UnknownType(shown))
+        }
+    }
+}
+
+/// A frame from the node to a client.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame of a live session.
+    Welcome {
+        /// The session's uid.
+        uid: String,
+        /// This node's id.
+        node: String,
+        /// Session id, unique on the node.
+        session: String,
+    },
+    /// A message.
+    Msg {
+        /// Per-session sequence number.
+        seq: u64,
+        /// Sender uid.
+        from: Arc<str>,
+        /// Sender's message id.
+        id: Arc<str>,
+        /// Raw JSON body.
+        body: Body,
+        /// Milliseconds since the epoch when the sender's node took it.
+        ts: u64,
+    },
+    /// End-to-end ack.
+    Delivered {
+        /// Message id.
+        id: Arc<str>,
+        /// Recipient.
+        to: Arc<str>,
+    },
+    /// Final failure.
+    Failed {
+        /// Message id.
+        id: Arc<str>,
+        /// Recipient.
+        to: Arc<str>,
+        /// Why.
+        reason: FailReason,
+    },
+    /// Answer to `ping`.
+    Pong,
+    /// A frame that could not be processed.
+    Error {
+        /// Machine-readable code.
+        code: &'static str,
+        /// Human text.
+        message: String,
+        /// The id of the frame, when it had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// Reconnect at `url`.
+    Moved {
+        /// The owner's WebSocket URL.
+        url: String,
+        /// The owner's node id.
+        node: String,
+    },
+}
+
+impl ServerFrame {
+    /// JSON text of the frame.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+
+    /// The `error` frame answering a [`FrameError`] that has no id.
+    pub fn from_frame_error(err: &FrameError) -> ServerFrame {
+        match err {
+            FrameError::BadFrame(m) => ServerFrame::Error {
+                code: "bad_frame",
+                message: m.clone(),
+                id: None,
+            },
+            FrameError::UnknownType(t) => ServerFrame::Error {
+                code: "unknown_type",
+                message: format!("unknown frame type `{t}`"),
+                id: None,
+            },
+            FrameError::Refused { id, to, reason } => ServerFrame::Failed {
+                id: id.as_str().into(),
+                to: to.as_str().into(),
+                reason: *reason,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ClientFrame, FrameError> {
+        parse_client_frame(s, 16)
+    }
+
+    #[test]
+    fn parses_requests() {
+        match parse(r#"{"type":"send","id":"m1","to":"bob","body":{"t":"hi"},"x":1}"#).unwrap() {
+            ClientFrame::Send { id, to, body } => {
+                assert_eq!((id.as_str(), to.as_str()), ("m1", "bob"));
+                assert_eq!(body.get(), r#"{"t":"hi"}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(r#"{"type":"ack","seq":7}"#),
+            Ok(ClientFrame::Ack { seq: 7 })
+        ));
+        assert!(matches!(parse(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping)));
+    }
+
+    #[test]
+    fn classifies_errors() {
+        for bad in [
+            "",
+            "nope",
+            "[1]",
+            "3",
+            r#"{"type":1}"#,
+            r#"{"x":1}"#,
+            r#"{"type":"send","to":"bob"}"#,
+            r#"{"type":"send","id":"","to":"bob"}"#,
+            r#"{"type":"send","id":5,"to":"bob"}"#,
+            r#"{"type":"ack"}"#,
+            r#"{"type":"ack","seq":-1}"#,
+            r#"{"type":"ack","seq":"1"}"#,
+        ] {
+            assert!(
+                matches!(parse(bad), Err(FrameError::BadFrame(_))),
+                "{bad}: {:?}",
+                parse(bad)
+            );
+        }
+        let long_id = format!(r#"{{"type":"send","id":"{}","to":"b"}}"#, "x".repeat(65));
+        assert!(matches!(parse(&long_id), Err(FrameError::BadFrame(_))));
+        assert!(matches!(
+            parse(r#"{"type":"fly"}"#),
+            Err(FrameError::UnknownType(t)) if t == "fly"
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"send","id":"m","to":""}"#),
+            Err(FrameError::Refused { reason: FailReason::Invalid, .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"send","id":"m","to":7}"#),
+            Err(FrameError::Refused { reason: FailReason::Invalid, .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"send","id":"m","to":"b","body":"01234567890123456789"}"#),
+            Err(FrameError::Refused { reason: FailReason::TooLarge, .. })
+        ));
+    }
+
+    #[test]
+    fn missing_body_is_null() {
+        match parse(r#"{"type":"send","id":"m","to":"b"}"#).unwrap() {
+            ClientFrame::Send { body, .. } => assert_eq!(body.get(), "null"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_frames_encode() {
+        let f = ServerFrame::Msg {
+            seq: 1,
+            from: "a".into(),
+            id: "m".into(),
+            body: Arc::from(RawValue::from_string("{\"x\":[1,2]}".into()).unwrap()),
+            ts: 5,
+        };
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"msg","seq":1,"from":"a","id":"m","body":{"x":[1,2]},"ts":5}"#
+        );
+        assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
+        let failed = ServerFrame::Failed {
+            id: "m".into(),
+            to: "b".into(),
+            reason: FailReason::RateLimited,
+        };
+        assert_eq!(
+            failed.to_json(),
+            r#"{"type":"failed","id":"m","to":"b","reason":"rate_limited"}"#
+        );
+    }
+}
