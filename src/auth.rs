@@ -220,7 +220,10 @@ mod tests {
         assert!(keys.verify(&soon).is_ok());
         let (other, _) = TokenKeys::new("other", 7200, 30).issue("a", "n", "u", now);
         assert!(matches!(keys.verify(&other), Err(TokenError::Invalid(_))));
-        assert!(matches!(keys.verify("garbage"), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            keys.verify("garbage"),
+            Err(TokenError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -50,7 +50,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// `[cluster]`: cluster identity and seeds.
@@ -205,21 +205,6 @@ pub struct NodeConfig {
     /// Public `host:port` used in URLs handed to clients; defaults to `http`.
     #[serde(default)]
     pub advertise: Option<String>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            cluster: ClusterConfig::default(),
-            auth: AuthConfig::default(),
-            api: ApiConfig::default(),
-            delivery: DeliveryConfig::default(),
-            limits: LimitsConfig::default(),
-            websocket: WebSocketConfig::default(),
-            http: HttpConfig::default(),
-            nodes: Vec::new(),
-        }
-    }
 }
 
 impl Default for ClusterConfig {
@@ -400,7 +385,10 @@ impl Config {
             ("limits.max_body_bytes", l.max_body_bytes),
             ("limits.max_frame_bytes", l.max_frame_bytes),
             ("limits.max_login_body_bytes", l.max_login_body_bytes),
-            ("limits.max_inflight_per_session", l.max_inflight_per_session),
+            (
+                "limits.max_inflight_per_session",
+                l.max_inflight_per_session,
+            ),
             ("limits.sends_per_second", l.sends_per_second as usize),
             ("limits.max_unacked_per_session", l.max_unacked_per_session),
             ("limits.outbound_queue", l.outbound_queue),
@@ -418,7 +406,10 @@ impl Config {
             ));
         }
         if self.websocket.ping_interval_ms == 0 {
-            return Err(invalid("websocket.ping_interval_ms", "must be greater than 0"));
+            return Err(invalid(
+                "websocket.ping_interval_ms",
+                "must be greater than 0",
+            ));
         }
         if self.websocket.idle_timeout_ms <= self.websocket.ping_interval_ms {
             return Err(invalid(
@@ -554,11 +545,21 @@ quic = "127.0.0.1:7101"
 
         let mut cfg = Config::parse(SAMPLE).unwrap();
         cfg.auth.mode = AuthMode::Users;
-        assert!(cfg.validate().unwrap_err().to_string().contains("auth.users"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("auth.users")
+        );
 
         let mut cfg = Config::parse(SAMPLE).unwrap();
         cfg.nodes.push(cfg.nodes[0].clone());
-        assert!(cfg.validate().unwrap_err().to_string().contains("nodes[1].id"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("nodes[1].id")
+        );
 
         let err = Config::parse(&SAMPLE.replace("9501", "\"x\"")).unwrap_err();
         assert!(err.to_string().contains("http"), "{err}");

@@ -189,6 +189,9 @@ pub enum Action {
 
 type DeliveryId = u64;
 
+/// A dedup key: `(from, id)`.
+type DedupKey = (Arc<str>, Arc<str>);
+
 #[derive(Debug)]
 struct Delivery {
     msg: Message,
@@ -250,9 +253,9 @@ pub struct Engine {
     users: HashMap<Arc<str>, User>,
     deliveries: HashMap<DeliveryId, Delivery>,
     next_delivery: DeliveryId,
-    dedup: HashMap<(Arc<str>, Arc<str>), Dedup>,
+    dedup: HashMap<DedupKey, Dedup>,
     /// Delivered dedup entries by expiry, oldest first.
-    dedup_order: VecDeque<(Instant, (Arc<str>, Arc<str>))>,
+    dedup_order: VecDeque<(Instant, DedupKey)>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     held_count: usize,
     /// Sessions found over their un-acked bound, closed once the current input is done (closing
@@ -288,7 +291,13 @@ impl Engine {
     // ----- sessions -------------------------------------------------------------------------
 
     /// A session of `uid` is live. Messages held for the user are pushed to it.
-    pub fn open_session(&mut self, now: Instant, session: SessionId, uid: &str, out: &mut Vec<Action>) {
+    pub fn open_session(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        uid: &str,
+        out: &mut Vec<Action>,
+    ) {
         if self.sessions.contains_key(&session) {
             return;
         }
@@ -309,7 +318,8 @@ impl Engine {
         );
         let user = self.users.entry(uid.clone()).or_default();
         user.sessions.push(session);
-        let oldest = (user.sessions.len() > self.cfg.max_sessions_per_user).then(|| user.sessions[0]);
+        let oldest =
+            (user.sessions.len() > self.cfg.max_sessions_per_user).then(|| user.sessions[0]);
         if let Some(old) = oldest {
             out.push(Action::Close {
                 session: old,
@@ -329,7 +339,8 @@ impl Engine {
                 continue;
             }
             self.held_count -= 1;
-            self.push_to(now, did, session, out);
+            // Held messages are bounded by `max_held_per_user`; a new session gets them all.
+            self.push_to(now, did, session, false, out);
         }
         self.metrics.held.set(self.held_count as i64);
         self.close_slow(now, out);
@@ -440,14 +451,27 @@ impl Engine {
             }
             Route::Unreachable => {
                 self.metrics.failed(FailReason::Unreachable);
-                self.outcome(session, &msg.id, &msg.to, Outcome::Failed(FailReason::Unreachable), out);
+                self.outcome(
+                    session,
+                    &msg.id,
+                    &msg.to,
+                    Outcome::Failed(FailReason::Unreachable),
+                    out,
+                );
             }
         }
     }
 
     /// The outcome of a send of local `session` (from this engine or from another node).
     /// Unknown sessions and ids are ignored: the sending session is gone.
-    pub fn outcome(&mut self, session: SessionId, id: &str, to: &str, outcome: Outcome, out: &mut Vec<Action>) {
+    pub fn outcome(
+        &mut self,
+        session: SessionId,
+        id: &str,
+        to: &str,
+        outcome: Outcome,
+        out: &mut Vec<Action>,
+    ) {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -462,7 +486,11 @@ impl Engine {
         let to: Arc<str> = Arc::from(to);
         let frame = match outcome {
             Outcome::Delivered => ServerFrame::Delivered { id: key, to },
-            Outcome::Failed(reason) => ServerFrame::Failed { id: key, to, reason },
+            Outcome::Failed(reason) => ServerFrame::Failed {
+                id: key,
+                to,
+                reason,
+            },
         };
         out.push(Action::Push { session, frame });
     }
@@ -481,7 +509,10 @@ impl Engine {
             Some(Dedup::InFlight(did)) => {
                 let did = *did;
                 self.metrics.duplicates.inc();
-                let d = self.deliveries.get_mut(&did).expect("in-flight dedup entry has a delivery");
+                let d = self
+                    .deliveries
+                    .get_mut(&did)
+                    .expect("in-flight dedup entry has a delivery");
                 if d.waiters.len() < MAX_WAITERS {
                     d.waiters.push(waiter);
                 } else {
@@ -599,7 +630,10 @@ impl Engine {
 
     /// Pushes a delivery to every session of its recipient, or holds it.
     fn place(&mut self, now: Instant, did: DeliveryId, out: &mut Vec<Action>) {
-        let d = self.deliveries.get_mut(&did).expect("placing a live delivery");
+        let d = self
+            .deliveries
+            .get_mut(&did)
+            .expect("placing a live delivery");
         if d.placements >= MAX_PLACEMENTS {
             self.finish(now, did, Outcome::Failed(FailReason::Timeout), out);
             return;
@@ -613,7 +647,7 @@ impl Engine {
             .unwrap_or_default();
         if !sessions.is_empty() {
             for session in sessions {
-                self.push_to(now, did, session, out);
+                self.push_to(now, did, session, true, out);
             }
             return;
         }
@@ -631,8 +665,16 @@ impl Engine {
         self.timers.push(Reverse((until, Timer::HoldExpiry(did))));
     }
 
-    /// Pushes a delivery to one session with a new `seq`.
-    fn push_to(&mut self, now: Instant, did: DeliveryId, session: SessionId, out: &mut Vec<Action>) {
+    /// Pushes a delivery to one session with a new `seq`. With `bounded`, a session over its
+    /// un-acked bound is marked slow.
+    fn push_to(
+        &mut self,
+        now: Instant,
+        did: DeliveryId,
+        session: SessionId,
+        bounded: bool,
+        out: &mut Vec<Action>,
+    ) {
         let max_unacked = self.cfg.max_unacked_per_session;
         let deadline = now + self.cfg.ack_timeout;
         let Some(s) = self.sessions.get_mut(&session) else {
@@ -648,7 +690,7 @@ impl Engine {
                 deadline,
             },
         );
-        let slow = s.pending.len() > max_unacked;
+        let slow = bounded && s.pending.len() > max_unacked;
         let d = d_mut(&mut self.deliveries, did);
         d.pushes.push((session, seq));
         out.push(Action::Push {
@@ -656,7 +698,8 @@ impl Engine {
             frame: msg_frame(seq, &d.msg),
         });
         self.metrics.messages_out.inc();
-        self.timers.push(Reverse((deadline, Timer::Retry(session, seq))));
+        self.timers
+            .push(Reverse((deadline, Timer::Retry(session, seq))));
         if slow && !self.slow.contains(&session) {
             self.slow.push(session);
         }
@@ -676,7 +719,14 @@ impl Engine {
         }
     }
 
-    fn retry(&mut self, now: Instant, at: Instant, session: SessionId, seq: u64, out: &mut Vec<Action>) {
+    fn retry(
+        &mut self,
+        now: Instant,
+        at: Instant,
+        session: SessionId,
+        seq: u64,
+        out: &mut Vec<Action>,
+    ) {
         let max_retries = self.cfg.max_retries;
         let ack_timeout = self.cfg.ack_timeout;
         let Some(s) = self.sessions.get_mut(&session) else {
@@ -699,7 +749,8 @@ impl Engine {
                 frame: msg_frame(seq, &d.msg),
             });
             self.metrics.retries.inc();
-            self.timers.push(Reverse((deadline, Timer::Retry(session, seq))));
+            self.timers
+                .push(Reverse((deadline, Timer::Retry(session, seq))));
             return;
         }
         let did = p.delivery;
@@ -783,3 +834,7 @@ fn msg_frame(seq: u64, msg: &Message) -> ServerFrame {
         ts: msg.ts,
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

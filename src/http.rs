@@ -103,7 +103,10 @@ async fn cors(State(state): State<AppState>, req: Request, next: Next) -> Respon
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("Content-Type, Authorization"),
         );
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
         r
     } else {
         next.run(req).await
@@ -223,7 +226,12 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match mime.as_str() {
         "application/json" => Ok(BodyKind::Json),
         "application/x-www-form-urlencoded" => Ok(BodyKind::Form),
@@ -261,7 +269,11 @@ async fn login(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
     }
 }
 
-async fn do_login(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<serde_json::Value, ApiError> {
+async fn do_login(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<serde_json::Value, ApiError> {
     let kind = body_kind(headers)?;
     let bytes = read_body(body, shared.cfg.limits.max_login_body_bytes).await?;
     let parsed: LoginBody = match kind {
@@ -284,11 +296,13 @@ async fn do_login(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<se
             .ok_or_else(|| ApiError::bad_request("password is required"))?;
         let entry = shared.cfg.auth.users.iter().find(|u| u.uid == uid);
         let hash = entry.map_or_else(|| decoy_hash().to_string(), |u| u.password_hash.clone());
-        let _permit = shared
-            .password_checks
-            .acquire()
-            .await
-            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
+        let _permit = shared.password_checks.acquire().await.map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node stopping",
+            )
+        })?;
         let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await
             .unwrap_or(false);
@@ -307,7 +321,9 @@ async fn do_login(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<se
             "no live node can take this user",
         )
     })?;
-    let (token, claims) = shared.tokens.issue(&uid, &owner.node, &owner.url, unix_now());
+    let (token, claims) = shared
+        .tokens
+        .issue(&uid, &owner.node, &owner.url, unix_now());
     Ok(json!({
         "token": token,
         "url": &*owner.url,
@@ -350,7 +366,10 @@ async fn ws_upgrade(
 ) -> Response {
     let shared = state.shared.clone();
     let token = token_from(uri.query(), &headers);
-    let claims = match token.ok_or(TokenError::Missing).and_then(|t| shared.tokens.verify(&t)) {
+    let claims = match token
+        .ok_or(TokenError::Missing)
+        .and_then(|t| shared.tokens.verify(&t))
+    {
         Ok(c) => c,
         Err(e) => {
             let code = match e {
@@ -367,8 +386,12 @@ async fn ws_upgrade(
         Err(rejection) => return rejection.into_response(),
     };
     if shared.shutdown.is_cancelled() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping")
-            .into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node stopping",
+        )
+        .into_response();
     }
     let limits = &shared.cfg.limits;
     let upgrade = upgrade
@@ -384,8 +407,12 @@ async fn ws_upgrade(
             return upgrade.on_upgrade(move |socket| crate::session::send_moved(socket, url, node));
         }
         None => {
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node can take this user")
-                .into_response();
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_nodes",
+                "no live node can take this user",
+            )
+            .into_response();
         }
     }
     let live = shared
@@ -395,8 +422,12 @@ async fn ws_upgrade(
         shared
             .live_sessions
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_sessions", "this node is full")
-            .into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_sessions",
+            "this node is full",
+        )
+        .into_response();
     }
     shared.metrics.connections.inc();
     let tracker = state.tracker.clone();
@@ -409,17 +440,18 @@ async fn ws_upgrade(
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
         })
-        .on_upgrade(move |socket| {
-            let task = tracker.track_future(crate::session::run(shared, socket, uid));
-            async move { task.await }
-        })
+        .on_upgrade(move |socket| tracker.track_future(crate::session::run(shared, socket, uid)))
 }
 
 // ----- backend API --------------------------------------------------------------------------
 
 fn check_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = bearer(headers).ok_or_else(|| {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing Authorization: Bearer <api key>")
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing Authorization: Bearer <api key>",
+        )
     })?;
     let ok = shared
         .cfg
@@ -430,7 +462,11 @@ fn check_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid api key"))
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid api key",
+        ))
     }
 }
 
@@ -449,7 +485,11 @@ struct PushBody {
 /// Longest `wait_ms` honoured by `/api/push`, in milliseconds.
 const MAX_WAIT_MS: u64 = 60_000;
 
-async fn api_push(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn api_push(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let shared = &state.shared;
     check_api_key(shared, &headers)?;
     if body_kind(&headers)? != BodyKind::Json {
@@ -465,22 +505,37 @@ async fn api_push(State(state): State<AppState>, headers: HeaderMap, body: Body)
         .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
     let to = match req.to {
         Some(serde_json::Value::String(s)) if validate_uid(&s).is_ok() => s,
-        _ => return Err(ApiError::bad_request("`to` must be a uid: 1 to 128 bytes, no control characters")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "`to` must be a uid: 1 to 128 bytes, no control characters",
+            ));
+        }
     };
     let id = match req.id {
         None | Some(serde_json::Value::Null) => random_id(),
         Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => s,
-        _ => return Err(ApiError::bad_request("`id` must be a string of 1 to 64 bytes")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "`id` must be a string of 1 to 64 bytes",
+            ));
+        }
     };
-    let body = req.body.map(|b| b.get().to_string()).unwrap_or_else(|| "null".into());
+    let body = req
+        .body
+        .map(|b| b.get().to_string())
+        .unwrap_or_else(|| "null".into());
     if body.len() > shared.cfg.limits.max_body_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("body over the limit of {} bytes", shared.cfg.limits.max_body_bytes),
+            format!(
+                "body over the limit of {} bytes",
+                shared.cfg.limits.max_body_bytes
+            ),
         ));
     }
-    let body: crate::protocol::Body = Arc::from(RawValue::from_string(body).expect("valid JSON text"));
+    let body: crate::protocol::Body =
+        Arc::from(RawValue::from_string(body).expect("valid JSON text"));
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
     let (reply, outcome) = oneshot::channel();
     let msg = Message {
@@ -494,16 +549,32 @@ async fn api_push(State(state): State<AppState>, headers: HeaderMap, body: Body)
         .engine
         .send(Command::Push { msg, reply })
         .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node stopping",
+            )
+        })?;
     Ok(match tokio::time::timeout(wait, outcome).await {
-        Ok(Ok(Outcome::Delivered)) => Json(json!({"status": "delivered", "id": id})).into_response(),
+        Ok(Ok(Outcome::Delivered)) => {
+            Json(json!({"status": "delivered", "id": id})).into_response()
+        }
         Ok(Ok(Outcome::Failed(reason))) => {
             Json(json!({"status": "failed", "reason": reason.as_str(), "id": id})).into_response()
         }
         Ok(Err(_)) => {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"));
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node stopping",
+            ));
         }
-        Err(_) => (StatusCode::ACCEPTED, Json(json!({"status": "pending", "id": id}))).into_response(),
+        Err(_) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "pending", "id": id})),
+        )
+            .into_response(),
     })
 }
 
@@ -515,18 +586,31 @@ async fn api_presence(
     let shared = &state.shared;
     check_api_key(shared, &headers)?;
     validate_uid(&uid).map_err(ApiError::bad_request)?;
-    let owner = shared
-        .owner_of(&uid)
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node"))?;
+    let owner = shared.owner_of(&uid).ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node")
+    })?;
     let (reply, answer) = oneshot::channel();
     shared
         .engine
-        .send(Command::Presence { uid: uid.clone(), reply })
+        .send(Command::Presence {
+            uid: uid.clone(),
+            reply,
+        })
         .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
-    let sessions = answer
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "node stopping"))?;
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node stopping",
+            )
+        })?;
+    let sessions = answer.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node stopping",
+        )
+    })?;
     Ok(Json(json!({
         "uid": uid,
         "online": sessions > 0,

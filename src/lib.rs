@@ -13,8 +13,8 @@
 pub mod auth;
 pub mod config;
 pub mod engine;
-pub mod metrics;
-pub mod protocol;
 pub mod http;
+pub mod metrics;
 pub mod node;
+pub mod protocol;
 pub mod session;

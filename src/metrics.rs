@@ -98,22 +98,15 @@ impl Metrics {
             messages_forwarded.clone(),
         );
         let delivered = Counter::default();
-        registry.register(
-            "delivered",
-            "Messages acked end to end",
-            delivered.clone(),
-        );
+        registry.register("delivered", "Messages acked end to end", delivered.clone());
         let failed_family = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "failed",
             "Messages that ended in failed, by reason",
             failed_family.clone(),
         );
-        let failed = FailReason::ALL.map(|r| {
-            failed_family.get_or_create_owned(&ReasonLabel {
-                reason: r.as_str(),
-            })
-        });
+        let failed = FailReason::ALL
+            .map(|r| failed_family.get_or_create_owned(&ReasonLabel { reason: r.as_str() }));
         let retries = Counter::default();
         registry.register(
             "retries",

@@ -21,7 +21,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::TokenKeys;
 use crate::config::{Config, ConfigError};
-use crate::engine::{Action, CloseReason, Engine, EngineConfig, Message, Outcome, Route, SessionId, Waiter};
+use crate::engine::{
+    Action, CloseReason, Engine, EngineConfig, Message, Outcome, Route, SessionId, Waiter,
+};
 use crate::metrics::Metrics;
 use crate::protocol::{Body, ServerFrame};
 
@@ -55,7 +57,13 @@ pub struct Outbox {
 
 impl Outbox {
     /// A new outbox of `capacity` frames and the session's receiving ends.
-    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<ServerFrame>, oneshot::Receiver<CloseReason>) {
+    pub fn new(
+        capacity: usize,
+    ) -> (
+        Outbox,
+        mpsc::Receiver<ServerFrame>,
+        oneshot::Receiver<CloseReason>,
+    ) {
         let (frames, frames_rx) = mpsc::channel(capacity);
         let (close, close_rx) = oneshot::channel();
         (Outbox { frames, close }, frames_rx, close_rx)
@@ -214,7 +222,11 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_INBOX);
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared {
-        tokens: TokenKeys::new(&cfg.auth.jwt_secret, cfg.auth.token_ttl_s, cfg.auth.leeway_s),
+        tokens: TokenKeys::new(
+            &cfg.auth.jwt_secret,
+            cfg.auth.token_ttl_s,
+            cfg.auth.leeway_s,
+        ),
         node_id: Arc::from(node_id),
         ws_url: Arc::from(format!("ws://{advertised}/ws")),
         http_addr,
@@ -307,7 +319,11 @@ impl NodeHandle {
 /// Most commands handled before the driver carries out their actions.
 const BATCH: usize = 256;
 
-async fn drive_engine(mut engine: Engine, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+async fn drive_engine(
+    mut engine: Engine,
+    mut rx: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+) {
     let mut outboxes: HashMap<SessionId, Outbox> = HashMap::new();
     let mut api_waiters: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
     let mut next_api: u64 = 1;
@@ -341,7 +357,13 @@ async fn drive_engine(mut engine: Engine, mut rx: mpsc::Receiver<Command>, shutd
         // Carrying out actions can close slow sessions, which yields more actions.
         while !actions.is_empty() {
             for action in actions.drain(..) {
-                carry_out(action, &mut outboxes, &mut api_waiters, &mut full, &mut unrouted);
+                carry_out(
+                    action,
+                    &mut outboxes,
+                    &mut api_waiters,
+                    &mut full,
+                    &mut unrouted,
+                );
             }
             let now = Instant::now().into_std();
             for session in full.drain(..) {
@@ -426,7 +448,9 @@ fn carry_out(
                 let _ = outbox.close.send(reason);
             }
         }
-        Action::Report { waiter, outcome, .. } => {
+        Action::Report {
+            waiter, outcome, ..
+        } => {
             if let Waiter::Api(req) = waiter
                 && let Some(reply) = api_waiters.remove(&req)
             {

@@ -124,8 +124,8 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
     let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
         FrameError::BadFrame(format!("frame must be a JSON object with a `type`: {e}"))
     })?;
-    let ty = as_string(env.ty)
-        .ok_or_else(|| FrameError::BadFrame("`type` must be a string".into()))?;
+    let ty =
+        as_string(env.ty).ok_or_else(|| FrameError::BadFrame("`type` must be a string".into()))?;
     match ty.as_str() {
         "send" => {
             let id = as_string(env.id)
@@ -316,15 +316,24 @@ mod tests {
         ));
         assert!(matches!(
             parse(r#"{"type":"send","id":"m","to":""}"#),
-            Err(FrameError::Refused { reason: FailReason::Invalid, .. })
+            Err(FrameError::Refused {
+                reason: FailReason::Invalid,
+                ..
+            })
         ));
         assert!(matches!(
             parse(r#"{"type":"send","id":"m","to":7}"#),
-            Err(FrameError::Refused { reason: FailReason::Invalid, .. })
+            Err(FrameError::Refused {
+                reason: FailReason::Invalid,
+                ..
+            })
         ));
         assert!(matches!(
             parse(r#"{"type":"send","id":"m","to":"b","body":"01234567890123456789"}"#),
-            Err(FrameError::Refused { reason: FailReason::TooLarge, .. })
+            Err(FrameError::Refused {
+                reason: FailReason::TooLarge,
+                ..
+            })
         ));
     }
 

@@ -71,14 +71,23 @@ pub async fn run(shared: Arc<Shared>, socket: WebSocket, uid: Arc<str>) {
     tracing::debug!(session, %uid, ended = result, "session closed");
 }
 
-async fn serve(shared: &Shared, socket: WebSocket, session: SessionId, uid: Arc<str>) -> &'static str {
+async fn serve(
+    shared: &Shared,
+    socket: WebSocket,
+    session: SessionId,
+    uid: Arc<str>,
+) -> &'static str {
     let (mut sink, mut stream) = socket.split();
     let welcome = ServerFrame::Welcome {
         uid: uid.to_string(),
         node: shared.node_id.to_string(),
         session: format!("{}-{session}", shared.node_id),
     };
-    if sink.send(WsMessage::Text(welcome.to_json().into())).await.is_err() {
+    if sink
+        .send(WsMessage::Text(welcome.to_json().into()))
+        .await
+        .is_err()
+    {
         return "write failed";
     }
     let (outbox, mut frames, mut close_rx) = Outbox::new(shared.cfg.limits.outbound_queue);
@@ -165,7 +174,11 @@ async fn serve(shared: &Shared, socket: WebSocket, session: SessionId, uid: Arc<
 }
 
 /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-async fn write_batch<S>(sink: &mut S, first: ServerFrame, frames: &mut mpsc::Receiver<ServerFrame>) -> Result<(), S::Error>
+async fn write_batch<S>(
+    sink: &mut S,
+    first: ServerFrame,
+    frames: &mut mpsc::Receiver<ServerFrame>,
+) -> Result<(), S::Error>
 where
     S: futures_util::Sink<WsMessage> + Unpin,
 {
@@ -188,7 +201,9 @@ fn is_capacity_error(e: &axum::Error) -> bool {
         }
         source = s.source();
     }
-    e.to_string().to_ascii_lowercase().contains("space limit exceeded")
+    e.to_string()
+        .to_ascii_lowercase()
+        .contains("space limit exceeded")
 }
 
 /// Handles one text frame; returns a frame to answer directly, if any.
@@ -203,7 +218,10 @@ async fn handle_text(
         shared.metrics.frame_errors.inc();
         return Some(ServerFrame::Error {
             code: "too_large",
-            message: format!("frame of {} bytes is over the limit of {max_frame}", text.len()),
+            message: format!(
+                "frame of {} bytes is over the limit of {max_frame}",
+                text.len()
+            ),
             id: None,
         });
     }

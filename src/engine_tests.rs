@@ -1,0 +1,535 @@
+//! Unit tests of the delivery rules, with fabricated time: no IO, no sleeping.
+
+use super::*;
+use serde_json::value::RawValue;
+
+fn body(text: &str) -> Body {
+    Arc::from(RawValue::from_string(format!("\"{text}\"")).unwrap())
+}
+
+fn test_cfg() -> EngineConfig {
+    EngineConfig {
+        ack_timeout: Duration::from_millis(1000),
+        max_retries: 3,
+        hold: Duration::from_millis(5000),
+        dedup_window: Duration::from_secs(300),
+        max_dedup_entries: 1000,
+        max_held_per_user: 100,
+        max_deliveries: 10_000,
+        max_inflight_per_session: 256,
+        sends_per_second: 1000,
+        max_unacked_per_session: 1000,
+        max_sessions_per_user: 16,
+    }
+}
+
+struct Harness {
+    engine: Engine,
+    now: Instant,
+    out: Vec<Action>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness::with(test_cfg())
+    }
+
+    fn with(cfg: EngineConfig) -> Harness {
+        Harness {
+            engine: Engine::new(cfg, Arc::new(Metrics::new())),
+            now: Instant::now(),
+            out: Vec::new(),
+        }
+    }
+
+    fn open(&mut self, s: SessionId, uid: &str) -> Vec<String> {
+        self.engine.open_session(self.now, s, uid, &mut self.out);
+        self.take()
+    }
+
+    fn close(&mut self, s: SessionId) -> Vec<String> {
+        self.engine.close_session(self.now, s, &mut self.out);
+        self.take()
+    }
+
+    fn send(&mut self, s: SessionId, id: &str, to: &str) -> Vec<String> {
+        self.send_routed(s, id, to, Route::Local)
+    }
+
+    fn send_routed(&mut self, s: SessionId, id: &str, to: &str, route: Route) -> Vec<String> {
+        self.engine
+            .send(self.now, s, id, to, body(id), 42, route, &mut self.out);
+        self.take()
+    }
+
+    fn ack(&mut self, s: SessionId, seq: u64) -> Vec<String> {
+        self.engine.ack(self.now, s, seq, &mut self.out);
+        self.take()
+    }
+
+    fn deliver(&mut self, from: &str, id: &str, to: &str, waiter: Waiter) -> Vec<String> {
+        let msg = Message {
+            from: from.into(),
+            id: id.into(),
+            to: to.into(),
+            body: body(id),
+            ts: 7,
+        };
+        self.engine.deliver(self.now, msg, waiter, &mut self.out);
+        self.take()
+    }
+
+    /// Moves time forward by `ms`, running every timer on its own deadline.
+    fn advance(&mut self, ms: u64) -> Vec<String> {
+        let target = self.now + Duration::from_millis(ms);
+        while let Some(at) = self.engine.next_deadline() {
+            if at > target {
+                break;
+            }
+            self.now = self.now.max(at);
+            self.engine.tick(self.now, &mut self.out);
+        }
+        self.now = target;
+        self.take()
+    }
+
+    fn take(&mut self) -> Vec<String> {
+        self.out.drain(..).map(|a| describe(&a)).collect()
+    }
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::Push { session, frame } => match frame {
+            ServerFrame::Msg { seq, from, id, .. } => format!("s{session} msg {seq} {from} {id}"),
+            ServerFrame::Delivered { id, to } => format!("s{session} delivered {id} {to}"),
+            ServerFrame::Failed { id, reason, .. } => {
+                format!("s{session} failed {id} {}", reason.as_str())
+            }
+            other => format!("s{session} {other:?}"),
+        },
+        Action::Close { session, reason } => format!("close s{session} {reason:?}"),
+        Action::Report {
+            waiter,
+            id,
+            outcome,
+            ..
+        } => format!("report {waiter:?} {id} {outcome:?}"),
+        Action::Forward { node, session, msg } => format!("forward {node} s{session} {}", msg.id),
+    }
+}
+
+#[test]
+fn send_push_ack_delivered() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    assert_eq!(h.send(1, "m1", "bob"), ["s2 msg 1 alice m1"]);
+    assert_eq!(h.send(1, "m2", "bob"), ["s2 msg 2 alice m2"]);
+    assert_eq!(h.ack(2, 1), ["s1 delivered m1 bob"]);
+    assert_eq!(h.ack(2, 2), ["s1 delivered m2 bob"]);
+    assert_eq!(h.engine.deliveries_in_flight(), 0);
+}
+
+#[test]
+fn retries_with_same_seq_then_timeout() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    assert!(h.advance(999).is_empty());
+    assert_eq!(h.advance(1), ["s2 msg 1 alice m1"]);
+    assert_eq!(h.advance(1000), ["s2 msg 1 alice m1"]);
+    assert_eq!(h.advance(1000), ["s2 msg 1 alice m1"]);
+    // Three retries done: the fourth deadline fails the send (4 s after the first push).
+    assert_eq!(h.advance(1000), ["s1 failed m1 timeout"]);
+    assert!(h.advance(10_000).is_empty());
+    // A late ack is ignored.
+    assert!(h.ack(2, 1).is_empty());
+}
+
+#[test]
+fn ack_after_a_retry_delivers_once() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.advance(1000);
+    assert_eq!(h.ack(2, 1), ["s1 delivered m1 bob"]);
+    assert!(h.ack(2, 1).is_empty(), "duplicate ack is ignored");
+    assert!(h.advance(10_000).is_empty(), "no retry after the ack");
+}
+
+#[test]
+fn unknown_ack_is_ignored() {
+    let mut h = Harness::new();
+    h.open(2, "bob");
+    assert!(h.ack(2, 99).is_empty());
+    assert!(h.ack(7, 1).is_empty());
+}
+
+#[test]
+fn offline_then_held_until_a_session_appears() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    assert!(h.send(1, "m1", "bob").is_empty());
+    assert!(h.advance(4000).is_empty());
+    assert_eq!(h.open(2, "bob"), ["s2 msg 1 alice m1"]);
+    assert_eq!(h.ack(2, 1), ["s1 delivered m1 bob"]);
+}
+
+#[test]
+fn offline_fails_after_hold() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.send(1, "m1", "bob");
+    assert!(h.advance(4999).is_empty());
+    assert_eq!(h.advance(1), ["s1 failed m1 offline"]);
+    // Nothing left for a later session.
+    assert!(h.open(2, "bob").is_empty());
+    assert_eq!(h.engine.deliveries_in_flight(), 0);
+}
+
+#[test]
+fn held_messages_keep_their_order() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    for i in 0..5 {
+        h.send(1, &format!("m{i}"), "bob");
+    }
+    let pushed = h.open(2, "bob");
+    let expected: Vec<String> = (0..5)
+        .map(|i| format!("s2 msg {} alice m{i}", i + 1))
+        .collect();
+    assert_eq!(pushed, expected);
+}
+
+#[test]
+fn hold_is_bounded_per_user() {
+    let mut cfg = test_cfg();
+    cfg.max_held_per_user = 2;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    assert!(h.send(1, "a", "bob").is_empty());
+    assert!(h.send(1, "b", "bob").is_empty());
+    assert_eq!(h.send(1, "c", "bob"), ["s1 failed c offline"]);
+}
+
+#[test]
+fn duplicate_in_flight_gets_the_same_outcome_once_delivered() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    assert_eq!(h.send(1, "m1", "bob"), ["s2 msg 1 alice m1"]);
+    assert!(h.send(1, "m1", "bob").is_empty(), "not pushed again");
+    assert_eq!(
+        h.ack(2, 1),
+        ["s1 delivered m1 bob", "s1 delivered m1 bob"],
+        "both sends end"
+    );
+}
+
+#[test]
+fn duplicate_after_delivered_is_answered_from_the_window() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.ack(2, 1);
+    assert_eq!(h.send(1, "m1", "bob"), ["s1 delivered m1 bob"]);
+    // Another session of alice (ids are per user) is answered the same way.
+    h.open(3, "alice");
+    assert_eq!(h.send(3, "m1", "bob"), ["s3 delivered m1 bob"]);
+    // After the window the id is new again.
+    h.advance(300_000);
+    assert_eq!(h.send(1, "m1", "bob"), ["s2 msg 2 alice m1"]);
+}
+
+#[test]
+fn after_failed_the_same_id_is_a_new_attempt() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.send(1, "m1", "bob");
+    assert_eq!(h.advance(5000), ["s1 failed m1 offline"]);
+    h.open(2, "bob");
+    assert_eq!(h.send(1, "m1", "bob"), ["s2 msg 1 alice m1"]);
+    assert_eq!(h.ack(2, 1), ["s1 delivered m1 bob"]);
+}
+
+#[test]
+fn dedup_window_is_bounded() {
+    let mut cfg = test_cfg();
+    cfg.max_dedup_entries = 3;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    h.open(2, "bob");
+    for (i, id) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        h.send(1, id, "bob");
+        h.ack(2, i as u64 + 1);
+    }
+    assert!(h.engine.dedup_len() <= 3);
+    // The newest is still remembered, the oldest is not.
+    assert_eq!(h.send(1, "e", "bob"), ["s1 delivered e bob"]);
+    assert_eq!(h.send(1, "a", "bob"), ["s2 msg 6 alice a"]);
+}
+
+#[test]
+fn fan_out_to_every_session_and_one_delivered() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.open(3, "bob");
+    assert_eq!(
+        h.send(1, "m1", "bob"),
+        ["s2 msg 1 alice m1", "s3 msg 1 alice m1"]
+    );
+    assert_eq!(h.ack(3, 1), ["s1 delivered m1 bob"]);
+    assert!(h.ack(2, 1).is_empty(), "second ack is ignored");
+    assert!(
+        h.advance(10_000).is_empty(),
+        "the other session is not retried"
+    );
+}
+
+#[test]
+fn fan_out_times_out_only_when_every_session_did() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.advance(500);
+    h.open(3, "bob"); // opened after the push: it does not get m1
+    let out = h.advance(3500);
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert_eq!(out[3], "s1 failed m1 timeout");
+}
+
+#[test]
+fn send_to_oneself_reaches_every_own_session() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "alice");
+    assert_eq!(
+        h.send(1, "m1", "alice"),
+        ["s1 msg 1 alice m1", "s2 msg 1 alice m1"]
+    );
+    assert_eq!(h.ack(1, 1), ["s1 delivered m1 alice"]);
+}
+
+#[test]
+fn order_per_sender_and_recipient() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    let mut pushed = Vec::new();
+    for i in 0..100 {
+        pushed.extend(h.send(1, &format!("m{i}"), "bob"));
+    }
+    let expected: Vec<String> = (0..100)
+        .map(|i| format!("s2 msg {} alice m{i}", i + 1))
+        .collect();
+    assert_eq!(pushed, expected);
+}
+
+#[test]
+fn closed_session_hands_unacked_to_other_sessions() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.open(3, "bob");
+    assert_eq!(h.close(2), ["s3 msg 1 alice m1"]);
+    assert_eq!(h.ack(3, 1), ["s1 delivered m1 bob"]);
+}
+
+#[test]
+fn closed_session_unacked_is_held_then_redelivered() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.send(1, "m2", "bob");
+    assert!(h.close(2).is_empty(), "held, not dropped, not failed yet");
+    assert_eq!(h.open(4, "bob"), ["s4 msg 1 alice m1", "s4 msg 2 alice m2"]);
+    assert_eq!(h.ack(4, 2), ["s1 delivered m2 bob"]);
+    assert_eq!(h.ack(4, 1), ["s1 delivered m1 bob"]);
+}
+
+#[test]
+fn closed_session_unacked_fails_offline_when_nobody_comes() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.close(2);
+    assert_eq!(h.advance(5000), ["s1 failed m1 offline"]);
+}
+
+#[test]
+fn a_message_is_placed_a_bounded_number_of_times() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.send(1, "m1", "bob");
+    let mut outcome = Vec::new();
+    for s in 10..20 {
+        let pushed = h.open(s, "bob");
+        outcome = h.close(s);
+        if !outcome.is_empty() {
+            assert!(pushed.len() == 1);
+            break;
+        }
+    }
+    assert_eq!(outcome, ["s1 failed m1 timeout"]);
+}
+
+#[test]
+fn sender_gone_gets_no_frame() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.close(1);
+    assert!(h.ack(2, 1).is_empty());
+    assert_eq!(h.engine.deliveries_in_flight(), 0);
+}
+
+#[test]
+fn rate_limit_refuses_with_failed() {
+    let mut cfg = test_cfg();
+    cfg.sends_per_second = 3;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    h.open(2, "bob");
+    for i in 0..3 {
+        assert_eq!(h.send(1, &format!("m{i}"), "bob").len(), 1);
+    }
+    assert_eq!(h.send(1, "m3", "bob"), ["s1 failed m3 rate_limited"]);
+    h.advance(1000);
+    assert_eq!(h.send(1, "m4", "bob"), ["s2 msg 4 alice m4"]);
+}
+
+#[test]
+fn inflight_bound_refuses_with_failed() {
+    let mut cfg = test_cfg();
+    cfg.max_inflight_per_session = 2;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    h.send(1, "a", "bob");
+    h.send(1, "b", "bob");
+    assert_eq!(h.send(1, "c", "bob"), ["s1 failed c rate_limited"]);
+}
+
+#[test]
+fn node_wide_delivery_bound() {
+    let mut cfg = test_cfg();
+    cfg.max_deliveries = 2;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    h.send(1, "a", "bob");
+    h.send(1, "b", "bob");
+    assert_eq!(h.send(1, "c", "bob"), ["s1 failed c rate_limited"]);
+}
+
+#[test]
+fn slow_consumer_is_closed_and_its_messages_held() {
+    let mut cfg = test_cfg();
+    cfg.max_unacked_per_session = 2;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "a", "bob");
+    h.send(1, "b", "bob");
+    assert_eq!(
+        h.send(1, "c", "bob"),
+        ["s2 msg 3 alice c", "close s2 SlowConsumer"]
+    );
+    assert_eq!(h.engine.presence("bob"), 0);
+    // Nothing was lost: a new session gets all three.
+    assert_eq!(
+        h.open(3, "bob"),
+        ["s3 msg 1 alice a", "s3 msg 2 alice b", "s3 msg 3 alice c"]
+    );
+}
+
+#[test]
+fn too_many_sessions_replace_the_oldest() {
+    let mut cfg = test_cfg();
+    cfg.max_sessions_per_user = 2;
+    let mut h = Harness::with(cfg);
+    h.open(1, "bob");
+    h.open(2, "bob");
+    assert_eq!(h.open(3, "bob"), ["close s1 Replaced"]);
+    assert_eq!(h.engine.presence("bob"), 2);
+}
+
+#[test]
+fn api_and_remote_waiters_get_reports() {
+    let mut h = Harness::new();
+    h.open(2, "bob");
+    assert_eq!(
+        h.deliver("$system", "p1", "bob", Waiter::Api(9)),
+        ["s2 msg 1 $system p1"]
+    );
+    assert_eq!(h.ack(2, 1), ["report Api(9) p1 Delivered"]);
+    let remote = Waiter::Remote {
+        node: "n2".into(),
+        session: 5,
+    };
+    h.deliver("carol", "r1", "dave", remote);
+    assert_eq!(
+        h.advance(5000),
+        [r#"report Remote { node: "n2", session: 5 } r1 Failed(Offline)"#]
+    );
+}
+
+#[test]
+fn remote_route_forwards_and_outcome_comes_back() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    assert_eq!(
+        h.send_routed(1, "m1", "bob", Route::Remote("n2".into())),
+        ["forward n2 s1 m1"]
+    );
+    h.engine
+        .outcome(1, "m1", "bob", Outcome::Delivered, &mut h.out);
+    assert_eq!(h.take(), ["s1 delivered m1 bob"]);
+    // An outcome nobody waits for is ignored.
+    h.engine
+        .outcome(1, "m1", "bob", Outcome::Delivered, &mut h.out);
+    assert!(h.take().is_empty());
+    assert_eq!(
+        h.send_routed(1, "m2", "bob", Route::Unreachable),
+        ["s1 failed m2 unreachable"]
+    );
+}
+
+#[test]
+fn presence_counts_sessions() {
+    let mut h = Harness::new();
+    assert_eq!(h.engine.presence("bob"), 0);
+    h.open(2, "bob");
+    h.open(3, "bob");
+    assert_eq!(h.engine.presence("bob"), 2);
+    h.close(2);
+    h.close(3);
+    assert_eq!(h.engine.presence("bob"), 0);
+}
+
+#[test]
+fn state_is_empty_after_everything_ends() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    for i in 0..10 {
+        h.send(1, &format!("m{i}"), "bob");
+    }
+    h.close(2);
+    h.advance(6000);
+    h.close(1);
+    h.advance(400_000);
+    assert_eq!(h.engine.deliveries_in_flight(), 0);
+    assert_eq!(h.engine.dedup_len(), 0);
+    assert!(h.engine.users.is_empty());
+    assert!(h.engine.sessions.is_empty());
+    assert!(h.engine.next_deadline().is_none());
+}
