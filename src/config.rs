@@ -67,6 +67,10 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// `[http]`: CORS and shutdown.
     pub http: HttpConfig,
+    /// `[gossip]`: membership timing and failure detection.
+    pub gossip: GossipConfig,
+    /// `[quic]`: node-to-node links.
+    pub quic: QuicConfig,
     /// `[[nodes]]`: every node of the cluster.
     pub nodes: Vec<NodeConfig>,
 }
@@ -79,6 +83,65 @@ pub struct ClusterConfig {
     pub id: String,
     /// Gossip addresses (`host:port`) to join through. Default: none.
     pub seeds: Vec<String>,
+    /// Shared secret from which every node derives the cluster CA for mutual TLS between
+    /// nodes; a process without it can neither read nor inject cluster traffic. Env
+    /// `IMGATE_CLUSTER_SECRET` wins. Default `dev-cluster-secret-change-me`.
+    pub secret: String,
+    /// Virtual nodes per member on the hash ring. Default 160.
+    pub vnodes: u32,
+}
+
+/// `[gossip]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipConfig {
+    /// Milliseconds between gossip rounds. Default 100.
+    pub interval_ms: u64,
+    /// Phi-accrual threshold above which a member is considered dead. Default 8.0.
+    pub phi_threshold: f64,
+    /// Heartbeat interval assumed before any is measured, in milliseconds. Default 100.
+    pub initial_interval_ms: u64,
+    /// Heartbeat gaps longer than this are not sampled, in milliseconds. Default 2000.
+    pub max_interval_ms: u64,
+    /// Seconds a dead member is remembered before it is forgotten. Default 60.
+    pub dead_grace_s: u64,
+}
+
+/// `[quic]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// Keep-alive interval of node-to-node connections, in milliseconds. Default 500.
+    pub keepalive_ms: u64,
+    /// A link silent this long is closed and its peer counted unreachable, in milliseconds. Default 2000.
+    pub idle_timeout_ms: u64,
+    /// Frames queued towards one peer; beyond it forwards fail `unreachable`. Default 65536.
+    pub peer_queue: usize,
+    /// Longest reconnect backoff, in milliseconds. Default 1000.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            interval_ms: 100,
+            phi_threshold: 8.0,
+            initial_interval_ms: 100,
+            max_interval_ms: 2000,
+            dead_grace_s: 60,
+        }
+    }
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            keepalive_ms: 500,
+            idle_timeout_ms: 2000,
+            peer_queue: 65_536,
+            max_backoff_ms: 1000,
+        }
+    }
 }
 
 /// How `/login` checks users.
@@ -212,6 +275,8 @@ impl Default for ClusterConfig {
         ClusterConfig {
             id: "imgate-local".into(),
             seeds: Vec::new(),
+            secret: "dev-cluster-secret-change-me".into(),
+            vnodes: 160,
         }
     }
 }
@@ -325,6 +390,9 @@ impl Config {
         if let Some(key) = get("IMGATE_API_KEY").filter(|s| !s.is_empty()) {
             self.api.keys = vec![key];
         }
+        if let Some(secret) = get("IMGATE_CLUSTER_SECRET").filter(|s| !s.is_empty()) {
+            self.cluster.secret = secret;
+        }
     }
 
     /// Checks values that parse but cannot work.
@@ -334,6 +402,47 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cluster.id.trim().is_empty() {
             return Err(invalid("cluster.id", "must not be empty"));
+        }
+        if self.cluster.secret.is_empty() {
+            return Err(invalid("cluster.secret", "must not be empty"));
+        }
+        if self.cluster.vnodes == 0 || self.cluster.vnodes > 4096 {
+            return Err(invalid("cluster.vnodes", "must be 1 to 4096"));
+        }
+        for (i, seed) in self.cluster.seeds.iter().enumerate() {
+            if seed
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(invalid(&format!("cluster.seeds[{i}]"), "must be host:port"));
+            }
+        }
+        let g = &self.gossip;
+        if g.interval_ms == 0
+            || g.initial_interval_ms == 0
+            || g.max_interval_ms == 0
+            || g.dead_grace_s == 0
+        {
+            return Err(invalid(
+                "gossip",
+                "intervals and grace periods must be greater than 0",
+            ));
+        }
+        if !(g.phi_threshold.is_finite() && g.phi_threshold > 0.0) {
+            return Err(invalid("gossip.phi_threshold", "must be a positive number"));
+        }
+        let q = &self.quic;
+        if q.keepalive_ms == 0 || q.peer_queue == 0 || q.max_backoff_ms == 0 {
+            return Err(invalid(
+                "quic",
+                "keepalive_ms, peer_queue and max_backoff_ms must be greater than 0",
+            ));
+        }
+        if q.idle_timeout_ms <= q.keepalive_ms {
+            return Err(invalid(
+                "quic.idle_timeout_ms",
+                "must be longer than quic.keepalive_ms",
+            ));
         }
         if self.auth.jwt_secret.is_empty() {
             return Err(invalid("auth.jwt_secret", "must not be empty"));
@@ -473,15 +582,23 @@ impl Config {
 
     /// A one-node configuration on `127.0.0.1:0` ports, for tests.
     pub fn for_test() -> Config {
+        Config::for_test_nodes(1)
+    }
+
+    /// `n` nodes `n1..` on `127.0.0.1:0` ports, for in-process cluster tests (seeds are set
+    /// once the first node is bound).
+    pub fn for_test_nodes(n: usize) -> Config {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         Config {
-            nodes: vec![NodeConfig {
-                id: "n1".into(),
-                http: any,
-                gossip: any,
-                quic: any,
-                advertise: None,
-            }],
+            nodes: (1..=n)
+                .map(|i| NodeConfig {
+                    id: format!("n{i}"),
+                    http: any,
+                    gossip: any,
+                    quic: any,
+                    advertise: None,
+                })
+                .collect(),
             ..Config::default()
         }
     }

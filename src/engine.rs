@@ -116,12 +116,12 @@ pub enum Waiter {
     Session(SessionId),
     /// An HTTP API request on this node (the driver's request number).
     Api(u64),
-    /// A session on another node sent it.
+    /// Another node forwarded it and waits for `Outcome { tag }`.
     Remote {
-        /// The sender's node.
+        /// The forwarding node.
         node: NodeId,
-        /// The session there.
-        session: SessionId,
+        /// That node's tag for the forward.
+        tag: u64,
     },
 }
 
@@ -375,6 +375,50 @@ impl Engine {
     /// Number of live sessions of `uid` on this node.
     pub fn presence(&self, uid: &str) -> usize {
         self.users.get(uid).map_or(0, |u| u.sessions.len())
+    }
+
+    /// Every live session and its uid.
+    pub fn sessions(&self) -> Vec<(SessionId, Arc<str>)> {
+        self.sessions
+            .iter()
+            .map(|(id, s)| (*id, s.uid.clone()))
+            .collect()
+    }
+
+    /// Users that have messages held for them.
+    pub fn users_with_held(&self) -> Vec<Arc<str>> {
+        self.users
+            .iter()
+            .filter(|(_, u)| !u.held.is_empty())
+            .map(|(uid, _)| uid.clone())
+            .collect()
+    }
+
+    /// Takes the messages held for `uid` out of this engine, oldest first, with their waiters:
+    /// the user moved to another node, which takes over their delivery. Their dedup entries go
+    /// with them (the new owner deduplicates from now on).
+    pub fn take_held(&mut self, uid: &str) -> Vec<(Message, Vec<Waiter>)> {
+        let Some(key) = self.users.get_key_value(uid).map(|(k, _)| k.clone()) else {
+            return Vec::new();
+        };
+        let held: Vec<DeliveryId> = match self.users.get_mut(uid) {
+            Some(user) => user.held.drain(..).collect(),
+            None => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(held.len());
+        for did in held {
+            let Some(d) = self.deliveries.remove(&did) else {
+                continue;
+            };
+            if d.held_until.is_some() {
+                self.held_count -= 1;
+            }
+            self.dedup.remove(&(d.msg.from.clone(), d.msg.id.clone()));
+            out.push((d.msg, d.waiters));
+        }
+        self.metrics.held.set(self.held_count as i64);
+        self.forget_user_if_idle(&key);
+        out
     }
 
     /// The metrics this engine updates.

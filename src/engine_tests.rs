@@ -473,12 +473,12 @@ fn api_and_remote_waiters_get_reports() {
     assert_eq!(h.ack(2, 1), ["report Api(9) p1 Delivered"]);
     let remote = Waiter::Remote {
         node: "n2".into(),
-        session: 5,
+        tag: 5,
     };
     h.deliver("carol", "r1", "dave", remote);
     assert_eq!(
         h.advance(5000),
-        [r#"report Remote { node: "n2", session: 5 } r1 Failed(Offline)"#]
+        [r#"report Remote { node: "n2", tag: 5 } r1 Failed(Offline)"#]
     );
 }
 
@@ -532,4 +532,28 @@ fn state_is_empty_after_everything_ends() {
     assert!(h.engine.users.is_empty());
     assert!(h.engine.sessions.is_empty());
     assert!(h.engine.next_deadline().is_none());
+}
+
+#[test]
+fn take_held_hands_messages_and_waiters_over() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send(1, "m1", "bob");
+    h.send(1, "m2", "bob");
+    h.close(2); // both held now
+    let taken = h.engine.take_held("bob");
+    let ids: Vec<&str> = taken.iter().map(|(m, _)| &*m.id).collect();
+    assert_eq!(ids, ["m1", "m2"]);
+    assert_eq!(taken[0].1, vec![Waiter::Session(1)]);
+    assert_eq!(h.engine.deliveries_in_flight(), 0);
+    assert_eq!(h.engine.dedup_len(), 0);
+    assert!(
+        h.advance(10_000).is_empty(),
+        "no hold expiry for what was handed over"
+    );
+    // The new owner's outcome reaches alice through the sender side.
+    h.engine
+        .outcome(1, "m1", "bob", Outcome::Delivered, &mut h.out);
+    assert_eq!(h.take(), ["s1 delivered m1 bob"]);
 }

@@ -163,32 +163,44 @@ async fn page() -> Html<&'static str> {
 
 async fn health(State(state): State<AppState>) -> Response {
     let s = &state.shared;
+    let members = s.current_view().members.len();
     if s.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "stopping", "node": &*s.node_id, "members": 1})),
+            Json(json!({"status": "stopping", "node": &*s.node_id, "members": members})),
         )
             .into_response();
     }
-    Json(json!({"status": "ok", "node": &*s.node_id, "members": 1})).into_response()
+    Json(json!({"status": "ok", "node": &*s.node_id, "members": members})).into_response()
 }
 
 async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
     let s = &state.shared;
-    let me = s.cfg.node(&s.node_id).ok();
+    let view = s.current_view();
+    let members: Vec<serde_json::Value> = view
+        .members
+        .values()
+        .map(|m| {
+            let me = m.id == s.node_id;
+            json!({
+                "id": &*m.id,
+                "http": m.http,
+                "url": &*m.url,
+                "gossip": m.gossip.to_string(),
+                "quic": m.quic.to_string(),
+                "live": true,
+                "reachable": me || s.links.reachable(&m.id),
+                "self": me,
+                "generation": m.generation,
+            })
+        })
+        .collect();
     Json(json!({
         "node": &*s.node_id,
         "cluster_id": s.cfg.cluster.id,
-        "ring_version": 1,
-        "members": [{
-            "id": &*s.node_id,
-            "http": s.http_addr.to_string(),
-            "url": &*s.ws_url,
-            "gossip": me.map(|n| n.gossip.to_string()),
-            "quic": me.map(|n| n.quic.to_string()),
-            "live": true,
-            "self": true,
-        }],
+        "ring_version": view.version(),
+        "ring_nodes": view.ring.nodes().iter().map(|n| &**n).collect::<Vec<_>>(),
+        "members": members,
     }))
 }
 

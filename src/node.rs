@@ -1,10 +1,16 @@
-//! A running node: binds the HTTP port, drives the delivery engine, owns shutdown.
+//! A running node: binds its ports, joins the cluster, drives the delivery engine.
 //!
-//! The engine runs in one task (the *driver*) that owns it exclusively: sessions and HTTP
-//! handlers talk to it through a bounded command channel, and it carries out the engine's
-//! [`Action`]s: frames go to each session's bounded outbound queue with `try_send` (a full
-//! queue closes the session as a slow consumer, never blocks the driver), outcomes go to
-//! waiting API requests. Timers are one `sleep_until(engine.next_deadline())`.
+//! The engine runs in one task (the *driver*) that owns it exclusively. Sessions, HTTP
+//! handlers and peer links talk to it through one bounded command channel, and it carries
+//! out the engine's [`Action`]s: frames go to each session's bounded outbox with `try_send` (a
+//! full outbox closes the session as a slow consumer; the driver never blocks on a client),
+//! messages for users owned elsewhere go to peer links, outcomes go back to whoever waits.
+//! Timers are one `sleep_until(engine.next_deadline())`.
+//!
+//! Cross-node waiting is tracked here, not in the engine: every message forwarded to another
+//! node gets a tag and a [`Forward`] entry holding its waiters; the owner answers
+//! `Outcome { tag }`. A link that goes down fails its forwards with `unreachable`, and a sweep
+//! fails any forward older than a delivery can take, so every send ends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,10 +28,14 @@ use tokio_util::task::TaskTracker;
 use crate::auth::TokenKeys;
 use crate::config::{Config, ConfigError};
 use crate::engine::{
-    Action, CloseReason, Engine, EngineConfig, Message, Outcome, Route, SessionId, Waiter,
+    Action, CloseReason, Engine, EngineConfig, MAX_PLACEMENTS, Message, NodeId, Outcome, Route,
+    SessionId, Waiter,
 };
+use crate::membership::{Membership, SelfInfo, View};
 use crate::metrics::Metrics;
-use crate::protocol::{Body, ServerFrame};
+use crate::peer::{Links, PeerError};
+use crate::protocol::{Body, FailReason, ServerFrame};
+use crate::wire::{PeerFrame, WireMessage};
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -43,16 +53,31 @@ pub enum NodeError {
         /// The IO error.
         source: std::io::Error,
     },
+    /// The QUIC endpoint could not start.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// Gossip could not start.
+    #[error("gossip: {0}")]
+    Gossip(String),
 }
 
-/// The driver's end of a session: its bounded frame queue and a close signal that works
-/// even when the queue is full.
+/// How a session must end, sent by the driver.
+#[derive(Debug, Clone)]
+pub enum SessionEnd {
+    /// Close for this reason.
+    Closed(CloseReason),
+    /// The user's owner is now another node: send `moved`, close with 4001.
+    Moved(Owner),
+}
+
+/// The driver's end of a session: its bounded frame queue and an end signal that works even
+/// when the queue is full.
 #[derive(Debug)]
 pub struct Outbox {
     /// Frames to write.
     pub frames: mpsc::Sender<ServerFrame>,
-    /// Close the WebSocket for this reason.
-    pub close: oneshot::Sender<CloseReason>,
+    /// End the session.
+    pub end: oneshot::Sender<SessionEnd>,
 }
 
 impl Outbox {
@@ -62,24 +87,24 @@ impl Outbox {
     ) -> (
         Outbox,
         mpsc::Receiver<ServerFrame>,
-        oneshot::Receiver<CloseReason>,
+        oneshot::Receiver<SessionEnd>,
     ) {
         let (frames, frames_rx) = mpsc::channel(capacity);
-        let (close, close_rx) = oneshot::channel();
-        (Outbox { frames, close }, frames_rx, close_rx)
+        let (end, end_rx) = oneshot::channel();
+        (Outbox { frames, end }, frames_rx, end_rx)
     }
 }
 
 /// Requests to the engine driver.
 #[derive(Debug)]
 pub enum Command {
-    /// A session is live; its frames go to `tx`.
+    /// A session is live; its frames go to `outbox`.
     Open {
         /// Session id.
         session: SessionId,
         /// Its uid.
         uid: Arc<str>,
-        /// Its outbound queue and close signal.
+        /// Its outbound queue and end signal.
         outbox: Outbox,
     },
     /// A session is gone.
@@ -114,12 +139,24 @@ pub enum Command {
         /// Where the outcome goes.
         reply: oneshot::Sender<Outcome>,
     },
-    /// How many sessions `uid` has here.
+    /// How many sessions `uid` has at its owner.
     Presence {
         /// The uid.
         uid: String,
-        /// The answer.
+        /// The answer (dropped if the owner cannot be asked).
         reply: oneshot::Sender<usize>,
+    },
+    /// A frame from a peer node.
+    Peer {
+        /// The peer.
+        from: NodeId,
+        /// The frame.
+        frame: PeerFrame,
+    },
+    /// The link to a peer went down.
+    PeerDown {
+        /// The peer.
+        node: NodeId,
     },
 }
 
@@ -127,22 +164,24 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     /// Owner node id.
-    pub node: Arc<str>,
+    pub node: NodeId,
     /// Its WebSocket URL.
     pub url: Arc<str>,
 }
 
-/// State shared by the HTTP handlers and sessions of a node.
+/// State shared by the HTTP handlers, sessions and the driver of a node.
 #[derive(Debug)]
 pub struct Shared {
     /// The configuration.
     pub cfg: Config,
     /// This node's id.
-    pub node_id: Arc<str>,
+    pub node_id: NodeId,
     /// This node's WebSocket URL as clients reach it.
     pub ws_url: Arc<str>,
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
+    /// The bound gossip address.
+    pub gossip_addr: SocketAddr,
     /// Token keys.
     pub tokens: TokenKeys,
     /// Metrics.
@@ -155,6 +194,10 @@ pub struct Shared {
     pub password_checks: Semaphore,
     /// Live WebSocket sessions, for `limits.max_sessions`.
     pub live_sessions: AtomicUsize,
+    /// The membership view.
+    pub view: watch::Receiver<Arc<View>>,
+    /// Links to the other nodes.
+    pub links: Arc<Links>,
     next_session: AtomicU64,
 }
 
@@ -164,11 +207,16 @@ impl Shared {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The owner of `uid`: the node that must hold its sessions.
-    pub fn owner_of(&self, _uid: &str) -> Option<Owner> {
-        Some(Owner {
-            node: self.node_id.clone(),
-            url: self.ws_url.clone(),
+    /// The current membership view.
+    pub fn current_view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// The owner of `uid`: the first node of its preference list that is live (in the view)
+    /// and reachable from here (this node, or a peer whose link is not down).
+    pub fn owner_of(&self, uid: &str) -> Option<Owner> {
+        owner_in(&self.current_view(), uid, &self.node_id, |n| {
+            self.links.reachable(n)
         })
     }
 
@@ -182,44 +230,80 @@ impl Shared {
     }
 }
 
+/// The ownership rule over a view: first of the preference list that is this node or passes
+/// `reachable`.
+pub fn owner_in(
+    view: &View,
+    uid: &str,
+    me: &str,
+    reachable: impl Fn(&str) -> bool,
+) -> Option<Owner> {
+    let usable = |n: &NodeId| &**n == me || reachable(n);
+    let owner = match view.ring.primary(uid) {
+        Some(p) if usable(p) => p.clone(),
+        Some(_) => view.ring.preference(uid).into_iter().find(|n| usable(n))?,
+        None => return None,
+    };
+    let member = view.members.get(&owner)?;
+    Some(Owner {
+        node: owner,
+        url: member.url.clone(),
+    })
+}
+
 /// A running node.
 #[derive(Debug)]
 pub struct NodeHandle {
     shared: Arc<Shared>,
     tracker: TaskTracker,
     server: JoinHandle<()>,
+    membership: Membership,
 }
 
 /// Inbox of the engine driver: bounded so that a flood of client frames waits at the
 /// sessions' readers (TCP backpressure) instead of growing memory.
 const ENGINE_INBOX: usize = 8192;
 
-/// Starts node `node_id` of `cfg`: binds its HTTP port and spawns its tasks.
+/// Starts node `node_id` of `cfg`: binds its ports, joins the cluster, spawns its tasks.
 ///
 /// # Errors
 /// [`NodeError`] if the node is not in the configuration or a port cannot be bound.
 pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> {
     cfg.validate()?;
     let node_cfg = cfg.node(node_id)?.clone();
+    let bind_err = |what, addr| move |source| NodeError::Bind { what, addr, source };
     let listener = TcpListener::bind(node_cfg.http)
         .await
-        .map_err(|source| NodeError::Bind {
-            what: "http",
-            addr: node_cfg.http,
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| NodeError::Bind {
-        what: "http",
-        addr: node_cfg.http,
-        source,
-    })?;
+        .map_err(bind_err("http", node_cfg.http))?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(bind_err("http", node_cfg.http))?;
     let advertised = node_cfg
         .advertise
         .clone()
         .unwrap_or_else(|| http_addr.to_string());
+    let ws_url: Arc<str> = Arc::from(format!("ws://{advertised}/ws"));
+    let node_id: NodeId = Arc::from(node_id);
     let metrics = Arc::new(Metrics::new());
-    metrics.gossip_members.set(1);
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_INBOX);
+    let links = Links::start(
+        node_id.clone(),
+        cfg.cluster.id.clone(),
+        node_cfg.quic,
+        &cfg.cluster.secret,
+        cfg.quic.clone(),
+        engine_tx.clone(),
+        metrics.clone(),
+    )?;
+    let me = SelfInfo {
+        id: node_id.to_string(),
+        url: ws_url.to_string(),
+        http: advertised.clone(),
+        quic: links.local_addr(),
+    };
+    let membership = Membership::start(&cfg, me, node_cfg.gossip)
+        .await
+        .map_err(|e| NodeError::Gossip(format!("{e:#}")))?;
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared {
         tokens: TokenKeys::new(
@@ -227,14 +311,17 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
             cfg.auth.token_ttl_s,
             cfg.auth.leeway_s,
         ),
-        node_id: Arc::from(node_id),
-        ws_url: Arc::from(format!("ws://{advertised}/ws")),
+        node_id: node_id.clone(),
+        ws_url,
         http_addr,
+        gossip_addr: membership.gossip_addr(),
         metrics: metrics.clone(),
         engine: engine_tx,
         shutdown: shutdown.clone(),
         password_checks: Semaphore::new(4),
         live_sessions: AtomicUsize::new(0),
+        view: membership.view(),
+        links,
         next_session: AtomicU64::new(1),
         cfg,
     });
@@ -243,7 +330,8 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         EngineConfig::from_config(&shared.cfg.delivery, &shared.cfg.limits),
         metrics,
     );
-    tracker.spawn(drive_engine(engine, engine_rx, shutdown.clone()));
+    let driver = Driver::new(engine, shared.clone());
+    tracker.spawn(driver.run(engine_rx, membership.view(), shutdown.clone()));
     let app = crate::http::router(shared.clone(), tracker.clone());
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -251,21 +339,26 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let result = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(server_shutdown.cancelled_owned())
-        .await;
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(server_shutdown.cancelled_owned())
+            .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "http server stopped");
         }
     });
-    tracing::info!(node = %node_id, http = %http_addr, url = %shared.ws_url, "node started");
+    tracing::info!(
+        node = %node_id,
+        http = %http_addr,
+        gossip = %shared.gossip_addr,
+        quic = %shared.links.local_addr(),
+        url = %shared.ws_url,
+        "node started"
+    );
     Ok(NodeHandle {
         shared,
         tracker,
         server,
+        membership,
     })
 }
 
@@ -278,6 +371,11 @@ impl NodeHandle {
     /// `http://addr`, for clients.
     pub fn http_url(&self) -> String {
         format!("http://{}", self.shared.http_addr)
+    }
+
+    /// The bound gossip address (to seed other nodes with).
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.shared.gossip_addr
     }
 
     /// This node's WebSocket URL.
@@ -295,23 +393,32 @@ impl NodeHandle {
         &self.shared
     }
 
-    /// Resolves when the node was asked to stop (by [`NodeHandle::shutdown`] or a fatal error).
+    /// The membership (for measuring failure detection).
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Resolves when the node was asked to stop.
     pub async fn stopped(&self) {
         self.shared.shutdown.cancelled().await;
     }
 
-    /// Stops the node: sessions are closed with 1001, then every task is awaited, within
-    /// `http.shutdown_timeout_ms`.
+    /// Stops the node: leaves gossip, closes sessions with 1001 and peer links explicitly,
+    /// then awaits every task, within `http.shutdown_timeout_ms`.
     pub async fn shutdown(self) {
-        self.shared.shutdown.cancel();
-        self.tracker.close();
         let bound = Duration::from_millis(self.shared.cfg.http.shutdown_timeout_ms);
-        let all = async {
+        let shared = self.shared.clone();
+        let all = async move {
+            self.membership.announce_leaving().await;
+            self.shared.shutdown.cancel();
+            self.tracker.close();
             let _ = self.server.await;
             self.tracker.wait().await;
+            self.shared.links.shutdown().await;
+            self.membership.shutdown().await;
         };
         if tokio::time::timeout(bound, all).await.is_err() {
-            tracing::warn!(node = %self.shared.node_id, "shutdown bound reached; tasks left behind");
+            tracing::warn!(node = %shared.node_id, "shutdown bound reached; tasks left behind");
         }
     }
 }
@@ -319,147 +426,393 @@ impl NodeHandle {
 /// Most commands handled before the driver carries out their actions.
 const BATCH: usize = 256;
 
-async fn drive_engine(
-    mut engine: Engine,
-    mut rx: mpsc::Receiver<Command>,
-    shutdown: CancellationToken,
-) {
-    let mut outboxes: HashMap<SessionId, Outbox> = HashMap::new();
-    let mut api_waiters: HashMap<u64, oneshot::Sender<Outcome>> = HashMap::new();
-    let mut next_api: u64 = 1;
-    let mut actions: Vec<Action> = Vec::with_capacity(BATCH);
-    let mut full: Vec<SessionId> = Vec::new();
-    let mut unrouted: Vec<(SessionId, Message)> = Vec::new();
-    let far = Duration::from_secs(3600);
-    loop {
-        let wake = engine
-            .next_deadline()
-            .map(Instant::from_std)
-            .unwrap_or_else(|| Instant::now() + far);
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            cmd = rx.recv() => {
-                let Some(cmd) = cmd else { break };
-                let now = Instant::now().into_std();
-                handle(&mut engine, cmd, now, &mut outboxes, &mut api_waiters, &mut next_api, &mut actions);
-                for _ in 1..BATCH {
-                    match rx.try_recv() {
-                        Ok(cmd) => handle(&mut engine, cmd, now, &mut outboxes, &mut api_waiters, &mut next_api, &mut actions),
-                        Err(_) => break,
+/// A message forwarded to its owner, waiting for `Outcome { tag }`.
+#[derive(Debug)]
+struct Forward {
+    node: NodeId,
+    waiters: Vec<Waiter>,
+    id: Arc<str>,
+    to: Arc<str>,
+    at: std::time::Instant,
+}
+
+/// The task that owns the engine.
+struct Driver {
+    engine: Engine,
+    shared: Arc<Shared>,
+    outboxes: HashMap<SessionId, Outbox>,
+    api_waiters: HashMap<u64, oneshot::Sender<Outcome>>,
+    presence_waiters: HashMap<u64, (NodeId, std::time::Instant, oneshot::Sender<usize>)>,
+    forwards: HashMap<u64, Forward>,
+    next_tag: u64,
+    actions: Vec<Action>,
+    full: Vec<SessionId>,
+    forward_max_age: Duration,
+}
+
+impl Driver {
+    fn new(engine: Engine, shared: Arc<Shared>) -> Driver {
+        let d = &shared.cfg.delivery;
+        let one_placement =
+            Duration::from_millis(d.hold_ms + d.ack_timeout_ms * (u64::from(d.max_retries) + 1));
+        Driver {
+            engine,
+            outboxes: HashMap::new(),
+            api_waiters: HashMap::new(),
+            presence_waiters: HashMap::new(),
+            forwards: HashMap::new(),
+            next_tag: 1,
+            actions: Vec::with_capacity(BATCH),
+            full: Vec::new(),
+            forward_max_age: one_placement * (MAX_PLACEMENTS + 1) + Duration::from_secs(5),
+            shared,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut view: watch::Receiver<Arc<View>>,
+        shutdown: CancellationToken,
+    ) {
+        let far = Duration::from_secs(3600);
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let first = view.borrow_and_update().clone();
+        self.on_view(&first);
+        loop {
+            let wake = self
+                .engine
+                .next_deadline()
+                .map(Instant::from_std)
+                .unwrap_or_else(|| Instant::now() + far);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let now = Instant::now().into_std();
+                    self.handle(cmd, now);
+                    for _ in 1..BATCH {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.handle(cmd, now),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                changed = view.changed() => {
+                    if changed.is_err() { break }
+                    let v = view.borrow_and_update().clone();
+                    self.on_view(&v);
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    self.engine.tick(Instant::now().into_std(), &mut self.actions);
+                }
+                _ = sweep.tick() => self.sweep(Instant::now().into_std()),
+            }
+            self.carry_out();
+        }
+        tracing::debug!(
+            sessions = self.engine.session_count(),
+            "engine driver stopped"
+        );
+    }
+
+    fn handle(&mut self, cmd: Command, now: std::time::Instant) {
+        match cmd {
+            Command::Open {
+                session,
+                uid,
+                outbox,
+            } => {
+                self.outboxes.insert(session, outbox);
+                self.engine
+                    .open_session(now, session, &uid, &mut self.actions);
+            }
+            Command::Close { session } => {
+                self.outboxes.remove(&session);
+                self.engine.close_session(now, session, &mut self.actions);
+            }
+            Command::Send {
+                session,
+                id,
+                to,
+                body,
+                ts,
+            } => {
+                let route = self.shared.route(&to);
+                self.engine
+                    .send(now, session, &id, &to, body, ts, route, &mut self.actions);
+            }
+            Command::Ack { session, seq } => self.engine.ack(now, session, seq, &mut self.actions),
+            Command::Push { msg, reply } => {
+                let req = self.next_tag();
+                self.api_waiters.insert(req, reply);
+                match self.shared.route(&msg.to) {
+                    Route::Local => {
+                        self.engine
+                            .deliver(now, msg, Waiter::Api(req), &mut self.actions)
+                    }
+                    Route::Remote(node) => self.forward(node, msg, vec![Waiter::Api(req)], 0, now),
+                    Route::Unreachable => {
+                        self.unreachable(vec![Waiter::Api(req)], &msg.id, &msg.to);
                     }
                 }
             }
-            _ = tokio::time::sleep_until(wake) => {
-                engine.tick(Instant::now().into_std(), &mut actions);
+            Command::Presence { uid, reply } => match self.shared.route(&uid) {
+                Route::Local => {
+                    let _ = reply.send(self.engine.presence(&uid));
+                }
+                Route::Remote(node) => {
+                    let req = self.next_tag();
+                    if self
+                        .shared
+                        .links
+                        .send(&node, PeerFrame::PresenceQuery { req, uid })
+                    {
+                        self.presence_waiters.insert(req, (node, now, reply));
+                    }
+                }
+                Route::Unreachable => {}
+            },
+            Command::Peer { from, frame } => self.on_peer_frame(from, frame, now),
+            Command::PeerDown { node } => {
+                let lost: Vec<u64> = self
+                    .forwards
+                    .iter()
+                    .filter(|(_, f)| f.node == node)
+                    .map(|(t, _)| *t)
+                    .collect();
+                if !lost.is_empty() {
+                    tracing::warn!(%node, forwards = lost.len(), "link down: failing forwards in flight");
+                }
+                for tag in lost {
+                    if let Some(f) = self.forwards.remove(&tag) {
+                        self.unreachable(f.waiters, &f.id, &f.to);
+                    }
+                }
+                self.presence_waiters.retain(|_, (n, _, _)| *n != node);
             }
         }
-        // Carrying out actions can close slow sessions, which yields more actions.
-        while !actions.is_empty() {
-            for action in actions.drain(..) {
-                carry_out(
-                    action,
-                    &mut outboxes,
-                    &mut api_waiters,
-                    &mut full,
-                    &mut unrouted,
-                );
-            }
-            let now = Instant::now().into_std();
-            for session in full.drain(..) {
-                if let Some(outbox) = outboxes.remove(&session) {
-                    engine.metrics().slow_consumers.inc();
-                    let _ = outbox.close.send(CloseReason::SlowConsumer);
-                    engine.close_session(now, session, &mut actions);
+    }
+
+    fn on_peer_frame(&mut self, from: NodeId, frame: PeerFrame, now: std::time::Instant) {
+        match frame {
+            PeerFrame::Hello { .. } => {}
+            PeerFrame::Deliver { tag, hops, msg } => {
+                let Some(msg) = msg.into_message() else {
+                    let outcome = Outcome::Failed(FailReason::Invalid).into();
+                    self.shared
+                        .links
+                        .send(&from, PeerFrame::Outcome { tag, outcome });
+                    return;
+                };
+                let waiter = Waiter::Remote {
+                    node: from.clone(),
+                    tag,
+                };
+                match self.shared.route(&msg.to) {
+                    // During a ring change the sender may be behind: pass it on, a bounded
+                    // number of times, then deliver here (the user will be held for).
+                    Route::Remote(node) if hops < 2 && node != from => {
+                        self.forward(node, msg, vec![waiter], hops + 1, now)
+                    }
+                    Route::Unreachable => self.unreachable(vec![waiter], &msg.id, &msg.to),
+                    _ => self.engine.deliver(now, msg, waiter, &mut self.actions),
                 }
             }
-            for (session, msg) in unrouted.drain(..) {
-                let failed = Outcome::Failed(crate::protocol::FailReason::Unreachable);
-                engine.outcome(session, &msg.id, &msg.to, failed, &mut actions);
+            PeerFrame::Outcome { tag, outcome } => {
+                if let Some(f) = self.forwards.remove(&tag) {
+                    self.shared
+                        .metrics
+                        .forward_latency
+                        .observe(now.saturating_duration_since(f.at).as_secs_f64());
+                    self.resolve(f.waiters, &f.id, &f.to, outcome.into());
+                }
+            }
+            PeerFrame::PresenceQuery { req, uid } => {
+                let sessions = u32::try_from(self.engine.presence(&uid)).unwrap_or(u32::MAX);
+                self.shared
+                    .links
+                    .send(&from, PeerFrame::PresenceAnswer { req, sessions });
+            }
+            PeerFrame::PresenceAnswer { req, sessions } => {
+                if let Some((_, _, reply)) = self.presence_waiters.remove(&req) {
+                    let _ = reply.send(sessions as usize);
+                }
             }
         }
     }
-    tracing::debug!(sessions = engine.session_count(), "engine driver stopped");
-}
 
-fn handle(
-    engine: &mut Engine,
-    cmd: Command,
-    now: std::time::Instant,
-    outboxes: &mut HashMap<SessionId, Outbox>,
-    api_waiters: &mut HashMap<u64, oneshot::Sender<Outcome>>,
-    next_api: &mut u64,
-    actions: &mut Vec<Action>,
-) {
-    match cmd {
-        Command::Open {
-            session,
-            uid,
-            outbox,
-        } => {
-            outboxes.insert(session, outbox);
-            engine.open_session(now, session, &uid, actions);
-        }
-        Command::Close { session } => {
-            outboxes.remove(&session);
-            engine.close_session(now, session, actions);
-        }
-        Command::Send {
-            session,
-            id,
-            to,
-            body,
-            ts,
-        } => {
-            // Ownership is decided per node; a single node owns everyone.
-            engine.send(now, session, &id, &to, body, ts, Route::Local, actions);
-        }
-        Command::Ack { session, seq } => engine.ack(now, session, seq, actions),
-        Command::Push { msg, reply } => {
-            let req = *next_api;
-            *next_api += 1;
-            api_waiters.insert(req, reply);
-            engine.deliver(now, msg, Waiter::Api(req), actions);
-        }
-        Command::Presence { uid, reply } => {
-            let _ = reply.send(engine.presence(&uid));
+    fn next_tag(&mut self) -> u64 {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        t
+    }
+
+    /// Sends `msg` to its owner `node`; its waiters learn the outcome when it comes back.
+    fn forward(
+        &mut self,
+        node: NodeId,
+        msg: Message,
+        waiters: Vec<Waiter>,
+        hops: u8,
+        now: std::time::Instant,
+    ) {
+        let tag = self.next_tag();
+        let frame = PeerFrame::Deliver {
+            tag,
+            hops,
+            msg: WireMessage::from_message(&msg),
+        };
+        if self.shared.links.send(&node, frame) {
+            self.shared.metrics.messages_forwarded.inc();
+            self.forwards.insert(
+                tag,
+                Forward {
+                    node,
+                    waiters,
+                    id: msg.id,
+                    to: msg.to,
+                    at: now,
+                },
+            );
+        } else {
+            self.unreachable(waiters, &msg.id, &msg.to);
         }
     }
-}
 
-fn carry_out(
-    action: Action,
-    outboxes: &mut HashMap<SessionId, Outbox>,
-    api_waiters: &mut HashMap<u64, oneshot::Sender<Outcome>>,
-    full: &mut Vec<SessionId>,
-    unrouted: &mut Vec<(SessionId, Message)>,
-) {
-    match action {
-        Action::Push { session, frame } => {
-            if let Some(outbox) = outboxes.get(&session)
-                && let Err(mpsc::error::TrySendError::Full(_)) = outbox.frames.try_send(frame)
-                && !full.contains(&session)
-            {
-                full.push(session);
+    fn unreachable(&mut self, waiters: Vec<Waiter>, id: &str, to: &str) {
+        self.shared.metrics.failed(FailReason::Unreachable);
+        self.resolve(waiters, id, to, Outcome::Failed(FailReason::Unreachable));
+    }
+
+    /// Tells each waiter how a message ended.
+    fn resolve(&mut self, waiters: Vec<Waiter>, id: &str, to: &str, outcome: Outcome) {
+        for waiter in waiters {
+            match waiter {
+                Waiter::Session(session) => {
+                    self.engine
+                        .outcome(session, id, to, outcome, &mut self.actions)
+                }
+                Waiter::Api(req) => {
+                    if let Some(reply) = self.api_waiters.remove(&req) {
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Waiter::Remote { node, tag } => {
+                    self.shared.links.send(
+                        &node,
+                        PeerFrame::Outcome {
+                            tag,
+                            outcome: outcome.into(),
+                        },
+                    );
+                }
             }
         }
-        Action::Close { session, reason } => {
-            if let Some(outbox) = outboxes.remove(&session) {
-                let _ = outbox.close.send(reason);
+    }
+
+    /// Carries out the engine's actions; closing slow sessions can yield more.
+    fn carry_out(&mut self) {
+        while !self.actions.is_empty() {
+            let now = Instant::now().into_std();
+            let batch: Vec<Action> = self.actions.drain(..).collect();
+            for action in batch {
+                match action {
+                    Action::Push { session, frame } => {
+                        if let Some(outbox) = self.outboxes.get(&session)
+                            && let Err(mpsc::error::TrySendError::Full(_)) =
+                                outbox.frames.try_send(frame)
+                            && !self.full.contains(&session)
+                        {
+                            self.full.push(session);
+                        }
+                    }
+                    Action::Close { session, reason } => {
+                        if let Some(outbox) = self.outboxes.remove(&session) {
+                            let _ = outbox.end.send(SessionEnd::Closed(reason));
+                        }
+                    }
+                    Action::Report {
+                        waiter,
+                        id,
+                        to,
+                        outcome,
+                        ..
+                    } => self.resolve(vec![waiter], &id, &to, outcome),
+                    Action::Forward { node, session, msg } => {
+                        self.forward(node, msg, vec![Waiter::Session(session)], 0, now)
+                    }
+                }
+            }
+            for session in std::mem::take(&mut self.full) {
+                if let Some(outbox) = self.outboxes.remove(&session) {
+                    self.shared.metrics.slow_consumers.inc();
+                    let _ = outbox
+                        .end
+                        .send(SessionEnd::Closed(CloseReason::SlowConsumer));
+                    self.engine.close_session(now, session, &mut self.actions);
+                }
             }
         }
-        Action::Report {
-            waiter, outcome, ..
-        } => {
-            if let Waiter::Api(req) = waiter
-                && let Some(reply) = api_waiters.remove(&req)
-            {
-                let _ = reply.send(outcome);
+    }
+
+    /// A new membership view: relink, then move away the users this node no longer owns.
+    fn on_view(&mut self, view: &Arc<View>) {
+        self.shared.links.update(view);
+        self.shared
+            .metrics
+            .gossip_members
+            .set(view.members.len() as i64);
+        let now = Instant::now().into_std();
+        let mut moved = 0usize;
+        for (session, uid) in self.engine.sessions() {
+            let Some(owner) = self.shared.owner_of(&uid) else {
+                continue;
+            };
+            if owner.node == self.shared.node_id {
+                continue;
+            }
+            if let Some(outbox) = self.outboxes.remove(&session) {
+                let _ = outbox.end.send(SessionEnd::Moved(owner));
+            }
+            self.engine.close_session(now, session, &mut self.actions);
+            moved += 1;
+        }
+        for uid in self.engine.users_with_held() {
+            if let Route::Remote(node) = self.shared.route(&uid) {
+                for (msg, waiters) in self.engine.take_held(&uid) {
+                    self.forward(node.clone(), msg, waiters, 1, now);
+                }
             }
         }
-        Action::Forward { node, session, msg } => {
-            tracing::warn!(%node, id = %msg.id, "no link to the owner node");
-            unrouted.push((session, msg));
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                ring_version = view.version(),
+                "sessions moved to their new owners"
+            );
         }
+    }
+
+    /// Fails forwards and presence questions that can no longer be answered in time.
+    fn sweep(&mut self, now: std::time::Instant) {
+        let max_age = self.forward_max_age;
+        let stale: Vec<u64> = self
+            .forwards
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.at) > max_age)
+            .map(|(t, _)| *t)
+            .collect();
+        for tag in stale {
+            if let Some(f) = self.forwards.remove(&tag) {
+                tracing::warn!(node = %f.node, id = %f.id, "no outcome from the owner in time");
+                self.unreachable(f.waiters, &f.id, &f.to);
+            }
+        }
+        self.presence_waiters
+            .retain(|_, (_, at, _)| now.saturating_duration_since(*at) < Duration::from_secs(5));
+        self.api_waiters.retain(|_, reply| !reply.is_closed());
     }
 }

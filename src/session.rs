@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::engine::{CloseReason, SessionId};
-use crate::node::{Command, Outbox, Shared};
+use crate::node::{Command, Outbox, SessionEnd, Shared};
 use crate::protocol::{ClientFrame, FrameError, ServerFrame, parse_client_frame};
 
 /// Close code: idle timeout.
@@ -111,10 +111,15 @@ async fn serve(
                 let _ = sink.send(close_frame(CLOSE_GOING_AWAY, "node shutting down")).await;
                 return "shutdown";
             }
-            reason = &mut close_rx => {
-                let (code, text) = match reason {
-                    Ok(CloseReason::SlowConsumer) => (CLOSE_SLOW, "slow consumer"),
-                    Ok(CloseReason::Replaced) => (CLOSE_REPLACED, "replaced by a newer session"),
+            end = &mut close_rx => {
+                let (code, text) = match end {
+                    Ok(SessionEnd::Closed(CloseReason::SlowConsumer)) => (CLOSE_SLOW, "slow consumer"),
+                    Ok(SessionEnd::Closed(CloseReason::Replaced)) => (CLOSE_REPLACED, "replaced by a newer session"),
+                    Ok(SessionEnd::Moved(owner)) => {
+                        let frame = ServerFrame::Moved { url: owner.url.to_string(), node: owner.node.to_string() };
+                        let _ = sink.send(WsMessage::Text(frame.to_json().into())).await;
+                        (CLOSE_MOVED, "moved")
+                    }
                     Err(_) => (CLOSE_GOING_AWAY, "node shutting down"),
                 };
                 let _ = sink.send(close_frame(code, text)).await;

@@ -1,0 +1,270 @@
+//! Membership by gossip (chitchat): who is alive, where they listen, and the ring built on it.
+//!
+//! Each node gossips its id, WebSocket URL, HTTP and QUIC addresses and peer protocol version
+//! as key-values. A task watches chitchat's live set and publishes a [`View`] (members plus a
+//! [`Ring`] with a version number) on a `watch` channel whenever it changes. A node that is
+//! draining sets `status = leaving`; an extra liveness predicate drops it from every live set
+//! at once, so others stop routing to it before it goes.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion,
+    spawn_chitchat,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::NodeId;
+use crate::ring::Ring;
+
+/// Gossip key: WebSocket URL.
+pub const KEY_URL: &str = "url";
+/// Gossip key: advertised HTTP `host:port`.
+pub const KEY_HTTP: &str = "http";
+/// Gossip key: QUIC address.
+pub const KEY_QUIC: &str = "quic";
+/// Gossip key: peer protocol version.
+pub const KEY_PROTO: &str = "proto";
+/// Gossip key: `serving` or `leaving`.
+pub const KEY_STATUS: &str = "status";
+
+/// A live member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Node id.
+    pub id: NodeId,
+    /// WebSocket URL for clients.
+    pub url: Arc<str>,
+    /// Advertised HTTP `host:port`.
+    pub http: String,
+    /// QUIC address.
+    pub quic: SocketAddr,
+    /// Gossip address.
+    pub gossip: SocketAddr,
+    /// Start time of that process (ms), chitchat's generation.
+    pub generation: u64,
+}
+
+/// One node's view of the cluster.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// Live members by id, this node included.
+    pub members: BTreeMap<NodeId, Member>,
+    /// The ring over them.
+    pub ring: Ring,
+}
+
+impl View {
+    /// The ring version.
+    pub fn version(&self) -> u64 {
+        self.ring.version()
+    }
+}
+
+/// What this node gossips about itself.
+#[derive(Debug, Clone)]
+pub struct SelfInfo {
+    /// Node id.
+    pub id: String,
+    /// WebSocket URL.
+    pub url: String,
+    /// Advertised HTTP `host:port`.
+    pub http: String,
+    /// Bound QUIC address.
+    pub quic: SocketAddr,
+}
+
+/// A running membership.
+pub struct Membership {
+    handle: Option<ChitchatHandle>,
+    view: watch::Receiver<Arc<View>>,
+    gossip_addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("gossip_addr", &self.gossip_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn member_of(state: &NodeState, id: &ChitchatId) -> Option<Member> {
+    if state.get(KEY_PROTO) != Some(&crate::wire::VERSION.to_string()) {
+        return None;
+    }
+    Some(Member {
+        id: Arc::from(&*id.node_id),
+        url: Arc::from(state.get(KEY_URL)?),
+        http: state.get(KEY_HTTP)?.to_string(),
+        quic: state.get(KEY_QUIC)?.parse().ok()?,
+        gossip: id.gossip_advertise_addr,
+        generation: id.generation_id,
+    })
+}
+
+/// Builds the member map from chitchat's live set: the newest generation of each node id.
+fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<NodeId, Member> {
+    let mut members: BTreeMap<NodeId, Member> = BTreeMap::new();
+    for (id, state) in live {
+        if let Some(m) = member_of(state, id) {
+            match members.get(&m.id) {
+                Some(old) if old.generation >= m.generation => {}
+                _ => {
+                    members.insert(m.id.clone(), m);
+                }
+            }
+        }
+    }
+    members
+}
+
+impl Membership {
+    /// Joins the cluster through `cfg.cluster.seeds`, gossiping on `gossip` (port 0 picks a
+    /// free port: chitchat binds its own socket, so the port is found by a probe bind first).
+    ///
+    /// # Errors
+    /// If the address cannot be bound or chitchat cannot start.
+    pub async fn start(
+        cfg: &Config,
+        me: SelfInfo,
+        gossip: SocketAddr,
+    ) -> anyhow::Result<Membership> {
+        let gossip_addr = if gossip.port() == 0 {
+            StdUdpSocket::bind(gossip)?.local_addr()?
+        } else {
+            gossip
+        };
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let g = &cfg.gossip;
+        let chitchat_cfg = ChitchatConfig {
+            chitchat_id: ChitchatId::new(me.id.clone(), generation, gossip_addr),
+            cluster_id: cfg.cluster.id.clone(),
+            gossip_interval: Duration::from_millis(g.interval_ms),
+            listen_addr: gossip_addr,
+            seed_nodes: cfg
+                .cluster
+                .seeds
+                .iter()
+                .filter(|s| s.parse::<SocketAddr>().ok() != Some(gossip_addr))
+                .cloned()
+                .collect(),
+            failure_detector_config: FailureDetectorConfig::new(
+                g.phi_threshold,
+                1000,
+                Duration::from_millis(g.max_interval_ms),
+                Duration::from_millis(g.initial_interval_ms),
+                Duration::from_secs(g.dead_grace_s),
+            ),
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: Some(Box::new(|state: &NodeState| {
+                state.get(KEY_STATUS) != Some("leaving")
+            })),
+            protocol_version: ProtocolVersion::V0,
+        };
+        let kvs = vec![
+            (KEY_URL.to_string(), me.url.clone()),
+            (KEY_HTTP.to_string(), me.http.clone()),
+            (KEY_QUIC.to_string(), me.quic.to_string()),
+            (KEY_PROTO.to_string(), crate::wire::VERSION.to_string()),
+            (KEY_STATUS.to_string(), "serving".to_string()),
+        ];
+        let handle = spawn_chitchat(chitchat_cfg, kvs, &UdpTransport).await?;
+        let mut live = handle.chitchat().lock().await.live_nodes_watcher();
+        let vnodes = cfg.cluster.vnodes;
+        let first = members_of(&live.borrow_and_update());
+        let ring = Ring::new(first.keys().cloned(), vnodes, 1);
+        let (tx, view) = watch::channel(Arc::new(View {
+            members: first,
+            ring,
+        }));
+        let stop = CancellationToken::new();
+        let stop_watch = stop.clone();
+        tokio::spawn(async move {
+            let mut version = 1;
+            loop {
+                tokio::select! {
+                    _ = stop_watch.cancelled() => break,
+                    changed = live.changed() => if changed.is_err() { break },
+                }
+                let members = members_of(&live.borrow_and_update());
+                let current = tx.borrow().clone();
+                if members == current.members {
+                    continue;
+                }
+                let same_set = members.keys().eq(current.members.keys());
+                let ring = if same_set {
+                    current.ring.clone()
+                } else {
+                    version += 1;
+                    Ring::new(members.keys().cloned(), vnodes, version)
+                };
+                tracing::info!(
+                    members = ?members.keys().map(|k| &**k).collect::<Vec<_>>(),
+                    ring_version = ring.version(),
+                    "membership changed"
+                );
+                if tx.send(Arc::new(View { members, ring })).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Membership {
+            handle: Some(handle),
+            view,
+            gossip_addr,
+            stop,
+        })
+    }
+
+    /// The current view and its updates.
+    pub fn view(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+
+    /// The bound gossip address.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.gossip_addr
+    }
+
+    /// Announces `status = leaving`: peers drop this node from their live sets.
+    pub async fn announce_leaving(&self) {
+        if let Some(h) = &self.handle {
+            h.with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "leaving"))
+                .await;
+        }
+    }
+
+    /// The failure-detection timeout chitchat currently predicts for each other member.
+    pub async fn detection_timeouts(&self) -> Vec<(String, Duration)> {
+        let Some(h) = &self.handle else {
+            return Vec::new();
+        };
+        let chitchat = h.chitchat();
+        let c = chitchat.lock().await;
+        let ids: Vec<ChitchatId> = c.live_nodes().cloned().collect();
+        ids.iter()
+            .filter(|id| *id != c.self_chitchat_id())
+            .filter_map(|id| Some((id.node_id.to_string(), c.failure_detection_timeout(id)?)))
+            .collect()
+    }
+
+    /// Stops gossiping (peers then detect this node as dead).
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            let _ = h.shutdown().await;
+        }
+    }
+}

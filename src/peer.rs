@@ -1,0 +1,476 @@
+//! Node-to-node links over QUIC: one long-lived connection per pair of nodes.
+//!
+//! The node with the smaller id dials; the other accepts. Each side opens one long-lived
+//! unidirectional stream for everything it sends (a [`wire::PREAMBLE`], a `Hello`, then frames
+//! written in batches), and reads the other side's stream. One task per peer owns the link: it
+//! dials (or waits for the accepted connection), writes what the engine driver queued, and on
+//! loss marks the peer unreachable, drops what was queued, tells the driver (`PeerDown`, which
+//! fails the forwards in flight) and reconnects with backoff. Reading happens in a second task
+//! per link that hands frames to the driver.
+//!
+//! Only nodes holding the cluster secret complete the mutual-TLS handshake ([`crate::tls`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::QuicConfig;
+use crate::engine::NodeId;
+use crate::membership::View;
+use crate::metrics::Metrics;
+use crate::node::Command;
+use crate::tls::{Credential, NODE_NAME};
+use crate::wire::{self, PeerFrame};
+
+type FrameReader = FramedRead<RecvStream, LengthDelimitedCodec>;
+
+/// Most frames written per batch before the stream is written to.
+const WRITE_BATCH: usize = 256;
+
+/// Time allowed for a dial and the hello exchange.
+const HANDSHAKE: Duration = Duration::from_secs(3);
+
+/// Errors setting up the QUIC endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The credential could not be built.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The endpoint could not be bound.
+    #[error("cannot bind quic address {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// rustls config not usable for QUIC.
+    #[error("quic crypto: {0}")]
+    Crypto(String),
+}
+
+struct Peer {
+    id: NodeId,
+    tx: mpsc::Sender<PeerFrame>,
+    addr: watch::Sender<Option<SocketAddr>>,
+    incoming: mpsc::Sender<(Connection, FrameReader)>,
+    /// The link is down and not yet re-established: routing skips this peer.
+    failed: AtomicBool,
+    stop: CancellationToken,
+}
+
+/// The links of one node to all others.
+pub struct Links {
+    me: NodeId,
+    cluster: String,
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+    peers: RwLock<HashMap<NodeId, Arc<Peer>>>,
+    engine: mpsc::Sender<Command>,
+    cfg: QuicConfig,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+fn transport(cfg: &QuicConfig) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(cfg.keepalive_ms)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_millis(cfg.idle_timeout_ms))
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000))),
+    ));
+    t.max_concurrent_bidi_streams(0u32.into());
+    t.max_concurrent_uni_streams(4u32.into());
+    Arc::new(t)
+}
+
+impl Links {
+    /// Binds the QUIC endpoint on `bind` and starts accepting peers.
+    ///
+    /// # Errors
+    /// [`PeerError`] if the credential or the socket cannot be set up.
+    pub fn start(
+        me: NodeId,
+        cluster: String,
+        bind: SocketAddr,
+        secret: &str,
+        cfg: QuicConfig,
+        engine: mpsc::Sender<Command>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Links>, PeerError> {
+        let cred = Credential::from_secret(secret)?;
+        let server_crypto = QuicServerConfig::try_from(cred.server_config()?)
+            .map_err(|e| PeerError::Crypto(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport(&cfg));
+        let client_crypto = QuicClientConfig::try_from(cred.client_config()?)
+            .map_err(|e| PeerError::Crypto(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport(&cfg));
+        let endpoint = Endpoint::server(server, bind)
+            .map_err(|source| PeerError::Bind { addr: bind, source })?;
+        let links = Arc::new(Links {
+            me,
+            cluster,
+            endpoint,
+            client,
+            peers: RwLock::new(HashMap::new()),
+            engine,
+            cfg,
+            metrics,
+            stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        links.tracker.spawn(accept_loop(links.clone()));
+        Ok(links)
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("bound endpoint has an address")
+    }
+
+    /// Follows a membership view: links to new members, drops links to members gone.
+    pub fn update(self: &Arc<Self>, view: &View) {
+        let mut peers = self.peers.write().expect("peers lock");
+        for m in view.members.values() {
+            if m.id == self.me {
+                continue;
+            }
+            match peers.get(&m.id) {
+                Some(p) => {
+                    p.addr.send_if_modified(|a| {
+                        let changed = *a != Some(m.quic);
+                        *a = Some(m.quic);
+                        changed
+                    });
+                }
+                None => {
+                    let p = self.spawn_peer(m.id.clone(), Some(m.quic));
+                    peers.insert(m.id.clone(), p);
+                }
+            }
+        }
+        peers.retain(|id, p| {
+            let keep = view.members.contains_key(id);
+            if !keep {
+                p.stop.cancel();
+            }
+            keep
+        });
+    }
+
+    fn spawn_peer(self: &Arc<Self>, id: NodeId, addr: Option<SocketAddr>) -> Arc<Peer> {
+        let (tx, rx) = mpsc::channel(self.cfg.peer_queue);
+        let (incoming, incoming_rx) = mpsc::channel(2);
+        let (addr_tx, addr_rx) = watch::channel(addr);
+        let peer = Arc::new(Peer {
+            id,
+            tx,
+            addr: addr_tx,
+            incoming,
+            failed: AtomicBool::new(false),
+            stop: self.stop.child_token(),
+        });
+        self.tracker.spawn(run_peer(
+            self.clone(),
+            peer.clone(),
+            rx,
+            incoming_rx,
+            addr_rx,
+        ));
+        peer
+    }
+
+    /// Queues `frame` for `node`. False if there is no link to it or its queue is full.
+    pub fn send(&self, node: &str, frame: PeerFrame) -> bool {
+        let peers = self.peers.read().expect("peers lock");
+        match peers.get(node) {
+            Some(p) if !p.failed.load(Ordering::Relaxed) => p.tx.try_send(frame).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Whether `node` can be used as an owner from here (linked, or being linked).
+    pub fn reachable(&self, node: &str) -> bool {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .get(node)
+            .is_some_and(|p| !p.failed.load(Ordering::Relaxed))
+    }
+
+    /// Closes every link explicitly (peers learn at once) and waits for the endpoint.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.endpoint.close(0u32.into(), b"node stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.tracker.wait().await;
+            self.endpoint.wait_idle().await;
+        })
+        .await;
+    }
+
+    fn hello(&self) -> PeerFrame {
+        PeerFrame::Hello {
+            node: self.me.to_string(),
+            cluster: self.cluster.clone(),
+        }
+    }
+
+    /// Opens our sending stream on `conn` and writes the preamble and hello.
+    async fn open_sender(&self, conn: &Connection) -> anyhow::Result<SendStream> {
+        let mut send = conn.open_uni().await?;
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&wire::PREAMBLE);
+        wire::encode(&self.hello(), &mut buf);
+        send.write_all(&buf).await?;
+        Ok(send)
+    }
+
+    /// Accepts the other side's stream and reads its preamble and hello; returns its node id.
+    async fn accept_reader(&self, conn: &Connection) -> anyhow::Result<(String, FrameReader)> {
+        let mut recv = conn.accept_uni().await?;
+        let mut preamble = [0u8; 5];
+        recv.read_exact(&mut preamble).await?;
+        wire::check_preamble(&preamble)?;
+        let codec = LengthDelimitedCodec::builder()
+            .max_frame_length(wire::MAX_FRAME)
+            .new_codec();
+        let mut reader = FramedRead::new(recv, codec);
+        let first = reader
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("stream ended before hello"))??;
+        match wire::decode(first.freeze())? {
+            PeerFrame::Hello { node, cluster } if cluster == self.cluster => Ok((node, reader)),
+            PeerFrame::Hello { cluster, .. } => {
+                anyhow::bail!("peer of another cluster `{cluster}`")
+            }
+            other => anyhow::bail!("expected hello, got {other:?}"),
+        }
+    }
+
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        expect: &str,
+    ) -> anyhow::Result<(Connection, SendStream, FrameReader)> {
+        let conn = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, NODE_NAME)?
+            .await?;
+        let send = self.open_sender(&conn).await?;
+        let (node, reader) = self.accept_reader(&conn).await?;
+        if node != expect {
+            conn.close(1u32.into(), b"unexpected node");
+            anyhow::bail!("dialled {expect} at {addr} but {node} answered");
+        }
+        Ok((conn, send, reader))
+    }
+}
+
+async fn accept_loop(links: Arc<Links>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = links.stop.cancelled() => return,
+            i = links.endpoint.accept() => match i { Some(i) => i, None => return },
+        };
+        let links2 = links.clone();
+        links.tracker.spawn(async move {
+            let remote = incoming.remote_address();
+            let result = tokio::time::timeout(HANDSHAKE, async {
+                let conn = incoming.await?;
+                let (node, reader) = links2.accept_reader(&conn).await?;
+                anyhow::Ok((conn, node, reader))
+            })
+            .await;
+            match result {
+                Ok(Ok((conn, node, reader))) => {
+                    let node: NodeId = Arc::from(node.as_str());
+                    let peer = {
+                        let mut peers = links2.peers.write().expect("peers lock");
+                        peers
+                            .entry(node.clone())
+                            .or_insert_with(|| links2.spawn_peer(node.clone(), None))
+                            .clone()
+                    };
+                    if peer.incoming.send((conn, reader)).await.is_err() {
+                        tracing::debug!(%node, "peer gone before its connection was adopted");
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(%remote, error = %e, "refused a peer connection"),
+                Err(_) => tracing::warn!(%remote, "peer handshake timed out"),
+            }
+        });
+    }
+}
+
+async fn read_frames(links: Arc<Links>, node: NodeId, mut reader: FrameReader, conn: Connection) {
+    while let Some(item) = reader.next().await {
+        let frame = match item
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(wire::decode(b.freeze())?))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "bad frame from peer; closing the link");
+                conn.close(2u32.into(), b"bad frame");
+                return;
+            }
+        };
+        let cmd = Command::Peer {
+            from: node.clone(),
+            frame,
+        };
+        if links.engine.send(cmd).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn run_peer(
+    links: Arc<Links>,
+    peer: Arc<Peer>,
+    mut rx: mpsc::Receiver<PeerFrame>,
+    mut incoming: mpsc::Receiver<(Connection, FrameReader)>,
+    mut addr: watch::Receiver<Option<SocketAddr>>,
+) {
+    let dialer = links.me < peer.id;
+    let min_backoff = Duration::from_millis(25);
+    let max_backoff = Duration::from_millis(links.cfg.max_backoff_ms);
+    let mut backoff = min_backoff;
+    let mut adopted: Option<(Connection, FrameReader)> = None;
+    loop {
+        // 1. Get a connection: dial, or wait for the peer to dial us.
+        let setup = if let Some((conn, reader)) = adopted.take() {
+            match links.open_sender(&conn).await {
+                Ok(send) => Ok((conn, send, reader)),
+                Err(e) => Err(e),
+            }
+        } else if dialer {
+            let target = *addr.borrow_and_update();
+            match target {
+                Some(a) => tokio::select! {
+                    _ = peer.stop.cancelled() => return,
+                    r = tokio::time::timeout(HANDSHAKE, links.dial(a, &peer.id)) => {
+                        r.unwrap_or_else(|_| Err(anyhow::anyhow!("dial timed out")))
+                    }
+                },
+                None => Err(anyhow::anyhow!("address unknown")),
+            }
+        } else {
+            tokio::select! {
+                _ = peer.stop.cancelled() => return,
+                c = incoming.recv() => match c {
+                    Some(c) => { adopted = Some(c); continue; }
+                    None => return,
+                },
+            }
+        };
+        let (conn, mut send, reader) = match setup {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %peer.id, error = %e, "link setup failed");
+                link_down(&links, &peer, &mut rx).await;
+                let jitter = Duration::from_millis(rand::random::<u64>() % 25);
+                tokio::select! {
+                    _ = peer.stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = addr.changed() => {}
+                    c = incoming.recv() => if let Some(c) = c { adopted = Some(c) },
+                }
+                backoff = (backoff * 2).min(max_backoff);
+                continue;
+            }
+        };
+        backoff = min_backoff;
+        peer.failed.store(false, Ordering::Relaxed);
+        links.metrics.quic_peers.inc();
+        tracing::info!(peer = %peer.id, remote = %conn.remote_address(), "peer link up");
+        links.tracker.spawn(read_frames(
+            links.clone(),
+            peer.id.clone(),
+            reader,
+            conn.clone(),
+        ));
+
+        // 2. Write what is queued, in batches, until the link or the node goes.
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let ended = loop {
+            tokio::select! {
+                biased;
+                _ = peer.stop.cancelled() => {
+                    let _ = send.finish();
+                    conn.close(0u32.into(), b"bye");
+                    links.metrics.quic_peers.dec();
+                    return;
+                }
+                reason = conn.closed() => break format!("closed: {reason}"),
+                c = incoming.recv() => {
+                    // The peer restarted and dialled again: the new connection wins.
+                    if let Some(c) = c { adopted = Some(c); }
+                    conn.close(0u32.into(), b"replaced");
+                    break "replaced by a newer connection".to_string();
+                }
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { return };
+                    wire::encode(&frame, &mut buf);
+                    for _ in 1..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(f) => wire::encode(&f, &mut buf),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = send.write_all(&buf).await {
+                        break format!("write failed: {e}");
+                    }
+                    buf.clear();
+                }
+            }
+        };
+        links.metrics.quic_peers.dec();
+        tracing::warn!(peer = %peer.id, reason = %ended, "peer link down");
+        if adopted.is_none() {
+            link_down(&links, &peer, &mut rx).await;
+        }
+    }
+}
+
+/// Marks the peer unreachable, drops what was queued for it and tells the driver, which fails
+/// the forwards in flight to it.
+async fn link_down(links: &Links, peer: &Peer, rx: &mut mpsc::Receiver<PeerFrame>) {
+    let was_failed = peer.failed.swap(true, Ordering::Relaxed);
+    while rx.try_recv().is_ok() {}
+    if !was_failed {
+        let _ = links
+            .engine
+            .send(Command::PeerDown {
+                node: peer.id.clone(),
+            })
+            .await;
+    }
+}

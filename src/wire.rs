@@ -1,0 +1,284 @@
+//! Node-to-node frames: what travels over QUIC, and its bytes.
+//!
+//! A peer stream starts with [`PREAMBLE`] (magic and protocol version), then carries frames,
+//! each a 4-byte big-endian length followed by one version byte and a bincode 2 payload
+//! (`standard()` config, size-limited). Parsing never touches a socket.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::engine::{Message, Outcome};
+use crate::protocol::FailReason;
+
+/// Peer protocol version; also the version byte of every frame.
+pub const VERSION: u8 = 1;
+
+/// First bytes of every peer stream: `IMGQ` and the version.
+pub const PREAMBLE: [u8; 5] = [b'I', b'M', b'G', b'Q', VERSION];
+
+/// Largest frame accepted from a peer, in bytes.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Errors reading peer bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The stream did not start with the imgate preamble of this version.
+    #[error("bad preamble: not an imgate v{VERSION} peer stream")]
+    Preamble,
+    /// A frame's version byte is not ours.
+    #[error("unsupported frame version {0}")]
+    Version(u8),
+    /// A frame is over [`MAX_FRAME`].
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// A payload did not decode.
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+}
+
+/// A message as it travels between nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMessage {
+    /// Sender uid.
+    pub from: String,
+    /// Message id.
+    pub id: String,
+    /// Recipient uid.
+    pub to: String,
+    /// Raw JSON body text.
+    pub body: String,
+    /// Taken at, ms since the epoch.
+    pub ts: u64,
+}
+
+impl WireMessage {
+    /// From an engine message.
+    pub fn from_message(m: &Message) -> WireMessage {
+        WireMessage {
+            from: m.from.to_string(),
+            id: m.id.to_string(),
+            to: m.to.to_string(),
+            body: m.body.get().to_string(),
+            ts: m.ts,
+        }
+    }
+
+    /// Into an engine message; `None` if the body is not JSON.
+    pub fn into_message(self) -> Option<Message> {
+        let body = RawValue::from_string(self.body).ok()?;
+        Some(Message {
+            from: Arc::from(self.from),
+            id: Arc::from(self.id),
+            to: Arc::from(self.to),
+            body: Arc::from(body),
+            ts: self.ts,
+        })
+    }
+}
+
+/// The outcome of a forwarded message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireOutcome {
+    /// Acked by a session of the recipient.
+    Delivered,
+    /// Ended in `failed`.
+    Failed(FailReason),
+}
+
+impl From<Outcome> for WireOutcome {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Delivered => WireOutcome::Delivered,
+            Outcome::Failed(r) => WireOutcome::Failed(r),
+        }
+    }
+}
+
+impl From<WireOutcome> for Outcome {
+    fn from(o: WireOutcome) -> Self {
+        match o {
+            WireOutcome::Delivered => Outcome::Delivered,
+            WireOutcome::Failed(r) => Outcome::Failed(r),
+        }
+    }
+}
+
+/// A node-to-node frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerFrame {
+    /// First frame of a stream: who is speaking.
+    Hello {
+        /// Sender node id.
+        node: String,
+        /// Sender's cluster id.
+        cluster: String,
+    },
+    /// Deliver `msg`, whose recipient the receiver owns; answer with `Outcome { tag }`.
+    Deliver {
+        /// Sender-chosen tag to match the outcome.
+        tag: u64,
+        /// Times the message was already forwarded (bounds re-forwarding during a ring change).
+        hops: u8,
+        /// The message.
+        msg: WireMessage,
+    },
+    /// How a `Deliver` ended.
+    Outcome {
+        /// The `Deliver`'s tag.
+        tag: u64,
+        /// Its outcome.
+        outcome: WireOutcome,
+    },
+    /// How many sessions `uid` has at the receiver.
+    PresenceQuery {
+        /// Request number.
+        req: u64,
+        /// The uid.
+        uid: String,
+    },
+    /// Answer to `PresenceQuery`.
+    PresenceAnswer {
+        /// Request number.
+        req: u64,
+        /// Live sessions.
+        sessions: u32,
+    },
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Appends one length-prefixed frame to `buf`.
+pub fn encode(frame: &PeerFrame, buf: &mut BytesMut) {
+    let start = buf.len();
+    buf.put_u32(0);
+    buf.put_u8(VERSION);
+    let payload = bincode::serde::encode_to_vec(frame, config()).expect("peer frames encode");
+    buf.extend_from_slice(&payload);
+    let len = (buf.len() - start - 4) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Decodes one frame body (without its length prefix).
+///
+/// # Errors
+/// [`WireError`] for another version or an undecodable payload.
+pub fn decode(mut body: Bytes) -> Result<PeerFrame, WireError> {
+    if body.is_empty() {
+        return Err(WireError::Decode("empty frame".into()));
+    }
+    let version = body.get_u8();
+    if version != VERSION {
+        return Err(WireError::Version(version));
+    }
+    let (frame, used) = bincode::serde::decode_from_slice::<PeerFrame, _>(&body, config())
+        .map_err(|e| WireError::Decode(e.to_string()))?;
+    if used != body.len() {
+        return Err(WireError::Decode("trailing bytes".into()));
+    }
+    Ok(frame)
+}
+
+/// Checks a stream preamble.
+///
+/// # Errors
+/// [`WireError::Preamble`] if it is not ours.
+pub fn check_preamble(bytes: &[u8; 5]) -> Result<(), WireError> {
+    if *bytes == PREAMBLE {
+        Ok(())
+    } else {
+        Err(WireError::Preamble)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Vec<PeerFrame> {
+        vec![
+            PeerFrame::Hello {
+                node: "n1".into(),
+                cluster: "c".into(),
+            },
+            PeerFrame::Deliver {
+                tag: 7,
+                hops: 0,
+                msg: WireMessage {
+                    from: "alice".into(),
+                    id: "m1".into(),
+                    to: "bob".into(),
+                    body: r#"{"t":"hi ✓"}"#.into(),
+                    ts: 1_700_000_000_000,
+                },
+            },
+            PeerFrame::Outcome {
+                tag: 7,
+                outcome: WireOutcome::Failed(FailReason::Offline),
+            },
+            PeerFrame::Outcome {
+                tag: 8,
+                outcome: WireOutcome::Delivered,
+            },
+            PeerFrame::PresenceQuery {
+                req: 1,
+                uid: "bob".into(),
+            },
+            PeerFrame::PresenceAnswer {
+                req: 1,
+                sessions: 2,
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trip_with_length_prefix() {
+        let mut buf = BytesMut::new();
+        for f in frames() {
+            encode(&f, &mut buf);
+        }
+        let mut bytes = buf.freeze();
+        for f in frames() {
+            let len = bytes.get_u32() as usize;
+            let body = bytes.split_to(len);
+            assert_eq!(decode(body).unwrap(), f);
+        }
+        assert!(bytes.is_empty());
+    }
+
+    #[test]
+    fn refuses_other_versions_and_garbage() {
+        let mut buf = BytesMut::new();
+        encode(&frames()[0], &mut buf);
+        let mut body = buf.split_off(4);
+        body[0] = 2;
+        assert!(matches!(decode(body.freeze()), Err(WireError::Version(2))));
+        assert!(decode(Bytes::from_static(&[VERSION, 0xff, 0xff, 0xff])).is_err());
+        assert!(decode(Bytes::new()).is_err());
+        assert!(check_preamble(b"IMGQ\x01").is_ok());
+        assert!(check_preamble(b"HTTP/").is_err());
+    }
+
+    #[test]
+    fn message_conversion_keeps_the_body_text() {
+        let w = WireMessage {
+            from: "a".into(),
+            id: "i".into(),
+            to: "b".into(),
+            body: "[1, 2]".into(),
+            ts: 3,
+        };
+        let m = w.clone().into_message().unwrap();
+        assert_eq!(m.body.get(), "[1, 2]");
+        assert_eq!(WireMessage::from_message(&m), w);
+        let bad = WireMessage {
+            body: "{".into(),
+            ..w
+        };
+        assert!(bad.into_message().is_none());
+    }
+}

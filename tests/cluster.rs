@@ -1,0 +1,268 @@
+//! In-process clusters on port 0: membership, ownership, cross-node delivery, rebalancing.
+
+mod cluster_support;
+
+use std::time::Duration;
+
+use cluster_support::{Client, Cluster};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_converge_and_agree_on_owners() {
+    let c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let views: Vec<_> = c.nodes.iter().map(|n| n.shared().current_view()).collect();
+    for v in &views {
+        assert_eq!(v.members.len(), 3);
+    }
+    let mut per_node = std::collections::HashMap::new();
+    for i in 0..1000 {
+        let uid = format!("user-{i}");
+        let owners: Vec<_> = c
+            .nodes
+            .iter()
+            .map(|n| n.shared().owner_of(&uid).unwrap().node)
+            .collect();
+        assert!(owners.windows(2).all(|w| w[0] == w[1]), "{uid}: {owners:?}");
+        *per_node.entry(owners[0].clone()).or_insert(0) += 1;
+    }
+    assert_eq!(per_node.len(), 3);
+    for (node, count) in &per_node {
+        assert!((200..470).contains(count), "{node} owns {count} of 1000");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_anywhere_and_cross_node_delivery_with_e2e_acks() {
+    let c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let (alice_uid, bob_uid) = c.uids_on_different_nodes();
+    // Alice logs in at node 1, bob at node 3: both are sent to their owners.
+    let mut alice = Client::login(&c.nodes[0].http_url(), &alice_uid).await;
+    let mut bob = Client::login(&c.nodes[2].http_url(), &bob_uid).await;
+    assert_ne!(alice.node, bob.node);
+    for i in 0..20 {
+        alice
+            .send(&format!("a{i}"), &bob_uid, json!({"n": i}))
+            .await;
+    }
+    for i in 0..20 {
+        let m = bob.expect("msg").await;
+        assert_eq!(m["id"], format!("a{i}"), "in order");
+        assert_eq!(m["from"], alice_uid.as_str());
+        bob.ack(m["seq"].as_u64().unwrap()).await;
+    }
+    for i in 0..20 {
+        let d = alice.expect("delivered").await;
+        assert_eq!(d["id"], format!("a{i}"));
+        assert_eq!(d["to"], bob_uid.as_str());
+    }
+    // And back.
+    bob.send("b1", &alice_uid, json!("hi")).await;
+    let m = alice.expect("msg").await;
+    alice.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(bob.expect("delivered").await["id"], "b1");
+    let fwd: u64 = c.metric(0, "imgate_messages_forwarded_total").await
+        + c.metric(1, "imgate_messages_forwarded_total").await
+        + c.metric(2, "imgate_messages_forwarded_total").await;
+    assert!(fwd >= 21, "forwarded {fwd}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_node_says_moved() {
+    let c = Cluster::start(2).await;
+    c.wait_converged(2).await;
+    let (uid, _) = c.uids_on_different_nodes();
+    let login = cluster_support::login(&c.nodes[0].http_url(), &uid).await;
+    let owner = login["node"].as_str().unwrap().to_string();
+    let other = c.nodes.iter().find(|n| n.node_id() != owner).unwrap();
+    let (frame, code) =
+        cluster_support::connect_expect_close(other.ws_url(), login["token"].as_str().unwrap())
+            .await;
+    assert_eq!(frame["type"], "moved");
+    assert_eq!(frame["node"], owner.as_str());
+    assert_eq!(frame["url"], login["url"]);
+    assert_eq!(code, Some(4001));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_and_offline_across_nodes() {
+    let c = Cluster::start_with(2, |cfg| {
+        cfg.delivery.ack_timeout_ms = 100;
+        cfg.delivery.max_retries = 1;
+        cfg.delivery.hold_ms = 200;
+    })
+    .await;
+    c.wait_converged(2).await;
+    let (a, b) = c.uids_on_different_nodes();
+    let mut alice = Client::login(&c.nodes[0].http_url(), &a).await;
+    // Offline recipient on another node.
+    alice.send("x1", &b, json!(1)).await;
+    let f = alice.expect("failed").await;
+    assert_eq!(
+        (f["id"].as_str(), f["reason"].as_str()),
+        (Some("x1"), Some("offline"))
+    );
+    // Recipient that never acks: one retry with the same seq, then timeout.
+    let mut bob = Client::login(&c.nodes[1].http_url(), &b).await;
+    alice.send("x2", &b, json!(2)).await;
+    let m1 = bob.expect("msg").await;
+    let m2 = bob.expect("msg").await;
+    assert_eq!(m1["seq"], m2["seq"]);
+    let f = alice.expect("failed").await;
+    assert_eq!(
+        (f["id"].as_str(), f["reason"].as_str()),
+        (Some("x2"), Some("timeout"))
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_device_across_logins_at_different_nodes() {
+    let c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let (a, b) = c.uids_on_different_nodes();
+    let mut alice = Client::login(&c.nodes[0].http_url(), &a).await;
+    let mut bob1 = Client::login(&c.nodes[1].http_url(), &b).await;
+    let mut bob2 = Client::login(&c.nodes[2].http_url(), &b).await;
+    assert_eq!(bob1.node, bob2.node, "both devices live on the owner");
+    alice.send("m", &b, json!("x")).await;
+    let m1 = bob1.expect("msg").await;
+    let m2 = bob2.expect("msg").await;
+    assert_eq!(m1["id"], "m");
+    assert_eq!(m2["id"], "m");
+    bob2.ack(m2["seq"].as_u64().unwrap()).await;
+    assert_eq!(alice.expect("delivered").await["id"], "m");
+    alice.expect_nothing(Duration::from_millis(300)).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_push_from_any_node() {
+    let c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let (a, b) = c.uids_on_different_nodes();
+    let mut bob = Client::login(&c.nodes[0].http_url(), &b).await;
+    for n in &c.nodes {
+        let p = cluster_support::api_get(&n.http_url(), &format!("/api/presence/{b}")).await;
+        assert_eq!(p["online"], true, "{p}");
+        assert_eq!(p["sessions"], 1);
+        assert_eq!(p["node"], bob.node.as_str());
+        let p = cluster_support::api_get(&n.http_url(), &format!("/api/presence/{a}")).await;
+        assert_eq!(p["online"], false);
+    }
+    let pusher = c
+        .nodes
+        .iter()
+        .find(|n| n.node_id() != bob.node)
+        .unwrap()
+        .http_url();
+    let push = tokio::spawn(async move {
+        cluster_support::api_post(
+            &pusher,
+            "/api/push",
+            json!({"to": b, "body": {"k": 1}, "id": "p1"}),
+        )
+        .await
+    });
+    let m = bob.expect("msg").await;
+    assert_eq!(m["from"], "$system");
+    bob.ack(m["seq"].as_u64().unwrap()).await;
+    let answer = push.await.unwrap();
+    assert_eq!(answer["status"], "delivered", "{answer}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_moves_users_and_loses_nothing() {
+    let mut c = Cluster::start_with(2, |cfg| cfg.delivery.hold_ms = 3000).await;
+    c.wait_converged(2).await;
+    // Find a uid that n3 will own once it joins.
+    let future = imgate::ring::Ring::new(imgate::ring::node_ids(&["n1", "n2", "n3"]), 160, 0);
+    let moving = (0..)
+        .map(|i| format!("mover-{i}"))
+        .find(|u| &**future.primary(u).unwrap() == "n3")
+        .unwrap();
+    let staying = (0..)
+        .map(|i| format!("stayer-{i}"))
+        .find(|u| &**future.primary(u).unwrap() != "n3")
+        .unwrap();
+    let mut mover = Client::login(&c.nodes[0].http_url(), &moving).await;
+    let mut stayer = Client::login(&c.nodes[0].http_url(), &staying).await;
+    c.add_node().await;
+    c.wait_converged(3).await;
+    let moved = mover.expect("moved").await;
+    assert_eq!(moved["node"], "n3");
+    assert_eq!(mover.close_code().await, Some(4001));
+    // Messages sent while the user moves are held by the new owner, not failed offline.
+    stayer.send("during", &moving, json!("x")).await;
+    let mut mover = Client::connect(moved["url"].as_str().unwrap(), &mover.token).await;
+    let m = mover.expect("msg").await;
+    assert_eq!(m["id"], "during");
+    mover.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(stayer.expect("delivered").await["id"], "during");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_moves_users_to_survivors() {
+    let mut c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let uid = (0..)
+        .map(|i| format!("u{i}"))
+        .find(|u| c.nodes[2].shared().owner_of(u).unwrap().node.as_ref() == "n3")
+        .unwrap();
+    let mut client = Client::login(&c.nodes[0].http_url(), &uid).await;
+    assert_eq!(client.node, "n3");
+    let n3 = c.nodes.pop().unwrap();
+    n3.shutdown().await;
+    c.wait_converged(2).await;
+    let _ = client.close_code().await;
+    let mut again = Client::login(&c.nodes[0].http_url(), &uid).await;
+    assert_ne!(again.node, "n3");
+    again.send("self", &uid, json!(0)).await;
+    let m = again.expect("msg").await;
+    again.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(again.expect("delivered").await["id"], "self");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_with_wrong_secret_is_refused() {
+    let c = Cluster::start(2).await;
+    c.wait_converged(2).await;
+    let mut cfg = imgate::config::Config::for_test_nodes(3);
+    cfg.cluster.secret = "not-the-cluster-secret".into();
+    cfg.cluster.seeds = vec![c.nodes[0].gossip_addr().to_string()];
+    let intruder = imgate::node::start(cfg, "n3").await.unwrap();
+    // Gossip is not authenticated, so the intruder shows up as a member...
+    c.wait_converged(3).await;
+    // ...but no node completes a QUIC handshake with it, so none counts it reachable.
+    for n in &c.nodes {
+        cluster_support::wait_until(Duration::from_secs(5), || !n.shared().links.reachable("n3"))
+            .await;
+    }
+    // A user whose first choice is the intruder is owned by a real node, and its messages
+    // never reach the intruder.
+    let uid = (0..)
+        .map(|i| format!("v{i}"))
+        .find(|u| &**c.nodes[0].shared().current_view().ring.primary(u).unwrap() == "n3")
+        .unwrap();
+    let owner = c.nodes[0].shared().owner_of(&uid).unwrap();
+    assert_ne!(&*owner.node, "n3");
+    assert_eq!(c.nodes[1].shared().owner_of(&uid).unwrap(), owner);
+    let (sender_uid, _) = c.uids_on_different_nodes();
+    let mut sender = Client::login(&c.nodes[0].http_url(), &sender_uid).await;
+    let mut target = Client::login(&c.nodes[1].http_url(), &uid).await;
+    sender.send("s1", &uid, json!(1)).await;
+    let m = target.expect("msg").await;
+    target.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(sender.expect("delivered").await["id"], "s1");
+    assert_eq!(intruder.shared().metrics.quic_peers.get(), 0);
+    assert_eq!(intruder.shared().metrics.messages_in.get(), 0);
+    intruder.shutdown().await;
+    c.shutdown().await;
+}
