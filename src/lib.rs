@@ -22,4 +22,5 @@ pub mod protocol;
 pub mod ring;
 pub mod session;
 pub mod tls;
+pub mod up;
 pub mod wire;

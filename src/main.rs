@@ -25,6 +25,13 @@ enum Cmd {
         #[arg(long)]
         id: String,
     },
+    /// Run every `[[nodes]]` entry of the file as its own child process (so one can be
+    /// killed alone), with each child's log lines prefixed by its id. Ctrl-C stops them all.
+    Up {
+        /// The cluster file.
+        #[arg(long, short, default_value = "cluster.toml")]
+        config: PathBuf,
+    },
     /// Print an argon2id hash for an `[[auth.users]]` entry. Reads the password from
     /// stdin (one line) unless --password is given.
     HashPassword {
@@ -81,6 +88,11 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))?;
             println!("{hash}");
             Ok(())
+        }
+        Cmd::Up { config } => {
+            let cfg = imgate::config::Config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            rt.block_on(imgate::up::run(cfg, config, stop_signal()))
         }
         Cmd::Node { config, id } => {
             init_tracing();

@@ -576,23 +576,7 @@ impl Driver {
                 Route::Unreachable => {}
             },
             Command::Peer { from, frame } => self.on_peer_frame(from, frame, now),
-            Command::PeerDown { node } => {
-                let lost: Vec<u64> = self
-                    .forwards
-                    .iter()
-                    .filter(|(_, f)| f.node == node)
-                    .map(|(t, _)| *t)
-                    .collect();
-                if !lost.is_empty() {
-                    tracing::warn!(%node, forwards = lost.len(), "link down: failing forwards in flight");
-                }
-                for tag in lost {
-                    if let Some(f) = self.forwards.remove(&tag) {
-                        self.unreachable(f.waiters, &f.id, &f.to);
-                    }
-                }
-                self.presence_waiters.retain(|_, (n, _, _)| *n != node);
-            }
+            Command::PeerDown { node } => self.fail_forwards(|n| *n == node, "link down"),
         }
     }
 
@@ -642,6 +626,29 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Fails the forwards (and presence questions) to the nodes `lost` selects.
+    fn fail_forwards(&mut self, lost: impl Fn(&NodeId) -> bool, why: &str) {
+        let tags: Vec<u64> = self
+            .forwards
+            .iter()
+            .filter(|(_, f)| lost(&f.node))
+            .map(|(t, _)| *t)
+            .collect();
+        if !tags.is_empty() {
+            tracing::warn!(
+                forwards = tags.len(),
+                why,
+                "failing forwards in flight as unreachable"
+            );
+        }
+        for tag in tags {
+            if let Some(f) = self.forwards.remove(&tag) {
+                self.unreachable(f.waiters, &f.id, &f.to);
+            }
+        }
+        self.presence_waiters.retain(|_, (n, _, _)| !lost(n));
     }
 
     fn next_tag(&mut self) -> u64 {
@@ -761,6 +768,7 @@ impl Driver {
     /// A new membership view: relink, then move away the users this node no longer owns.
     fn on_view(&mut self, view: &Arc<View>) {
         self.shared.links.update(view);
+        self.fail_forwards(|n| !view.members.contains_key(n), "owner left the cluster");
         self.shared
             .metrics
             .gossip_members

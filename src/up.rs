@@ -1,0 +1,129 @@
+//! `imgate up`: runs every node of a cluster file as a child process of this one.
+//!
+//! Each child is `imgate node --config FILE --id ID`, so any one of them can be killed alone
+//! (chaos testing by hand). Their stdout and stderr lines are printed with an `[id]` prefix.
+//! On Ctrl-C or SIGTERM every child gets SIGTERM (a graceful stop), then SIGKILL if it is
+//! still running after the configured shutdown bound.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::config::Config;
+
+fn prefix_lines<R: AsyncRead + Unpin + Send + 'static>(id: String, reader: R, to_stderr: bool) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(reader).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if to_stderr {
+                eprintln!("[{id}] {line}");
+            } else {
+                println!("[{id}] {line}");
+            }
+        }
+    });
+}
+
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+/// Starts every node of `cfg` (read from `path`) and waits for `stop`.
+///
+/// # Errors
+/// If a child cannot be started.
+pub async fn run(
+    cfg: Config,
+    path: PathBuf,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the imgate binary")?;
+    let mut children: Vec<(String, Child)> = Vec::new();
+    for node in &cfg.nodes {
+        let mut child = Command::new(&exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&path)
+            .arg("--id")
+            .arg(&node.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting node {}", node.id))?;
+        if let Some(out) = child.stdout.take() {
+            prefix_lines(node.id.clone(), out, false);
+        }
+        if let Some(err) = child.stderr.take() {
+            prefix_lines(node.id.clone(), err, true);
+        }
+        println!(
+            "[up] node {} pid {} http://{} (gossip {}, quic {})",
+            node.id,
+            child.id().unwrap_or(0),
+            node.advertise
+                .clone()
+                .unwrap_or_else(|| node.http.to_string()),
+            node.gossip,
+            node.quic
+        );
+        children.push((node.id.clone(), child));
+    }
+    if let Some(first) = cfg.nodes.first() {
+        let http = first
+            .advertise
+            .clone()
+            .unwrap_or_else(|| first.http.to_string());
+        println!("[up] chat page:   http://{http}/");
+        println!(
+            "[up] log in:      curl -s -XPOST http://{http}/login -H 'content-type: application/json' -d '{{\"uid\":\"alice\"}}'"
+        );
+        println!("[up] any node answers /login; Ctrl-C stops every node");
+    }
+    tokio::pin!(stop);
+    let mut exited = vec![false; children.len()];
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                for (i, (id, child)) in children.iter_mut().enumerate() {
+                    if !exited[i] && let Ok(Some(status)) = child.try_wait() {
+                        exited[i] = true;
+                        let alive = exited.iter().filter(|e| !**e).count();
+                        println!("[up] node {id} exited: {status}; {alive} of {} running", exited.len());
+                    }
+                }
+                if exited.iter().all(|e| *e) {
+                    println!("[up] every node has exited");
+                    return Ok(());
+                }
+            }
+        }
+    }
+    println!("[up] stopping {} nodes", children.len());
+    for (_, child) in &children {
+        terminate(child);
+    }
+    let bound = Duration::from_millis(cfg.http.shutdown_timeout_ms + 1000);
+    for (id, mut child) in children {
+        match tokio::time::timeout(bound, child.wait()).await {
+            Ok(Ok(status)) => println!("[up] node {id} stopped: {status}"),
+            _ => {
+                println!("[up] node {id} did not stop in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+    Ok(())
+}
