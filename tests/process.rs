@@ -326,7 +326,7 @@ async fn kill_one_of_three_under_traffic() {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut t = tally.lock().unwrap();
+    let t = std::mem::take(&mut *tally.lock().unwrap());
     let missing: Vec<_> = t
         .delivered
         .iter()
@@ -349,7 +349,6 @@ async fn kill_one_of_three_under_traffic() {
         rehomed,
         t.outcomes
     );
-    drop(t);
     // The killed node comes back on the same addresses and is in every live set again.
     c.spawn(victim);
     let rejoin = c.wait_members(3, Duration::from_secs(20)).await;
