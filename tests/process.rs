@@ -326,7 +326,7 @@ async fn kill_one_of_three_under_traffic() {
     for t in tasks {
         t.await.unwrap();
     }
-    let t = std::mem::take(&mut *tally.lock().unwrap());
+    let mut t = std::mem::take(&mut *tally.lock().unwrap());
     let missing: Vec<_> = t
         .delivered
         .iter()
