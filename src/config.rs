@@ -508,6 +508,13 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        if l.outbound_queue < l.max_inflight_per_session + self.delivery.max_held_per_user {
+            return Err(invalid(
+                "limits.outbound_queue",
+                "must be at least limits.max_inflight_per_session + delivery.max_held_per_user, \
+                 so that a burst of outcomes or held messages never closes a healthy reader",
+            ));
+        }
         if l.max_frame_bytes < l.max_body_bytes {
             return Err(invalid(
                 "limits.max_frame_bytes",

@@ -255,6 +255,15 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     }
 }
 
+/// Parses a JSON object into `T`; serde's derived structs would also take an array.
+fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err("not a JSON object".into());
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
@@ -289,7 +298,7 @@ async fn do_login(
     let kind = body_kind(headers)?;
     let bytes = read_body(body, shared.cfg.limits.max_login_body_bytes).await?;
     let parsed: LoginBody = match kind {
-        BodyKind::Json => serde_json::from_slice(&bytes).map_err(|e| {
+        BodyKind::Json => json_object(&bytes).map_err(|e| {
             ApiError::bad_request(format!(
                 "body must be a JSON object with string fields uid and password: {e}"
             ))
@@ -513,7 +522,7 @@ async fn api_push(
     }
     let limit = shared.cfg.limits.max_body_bytes + shared.cfg.limits.max_login_body_bytes;
     let bytes = read_body(body, limit).await?;
-    let req: PushBody = serde_json::from_slice(&bytes)
+    let req: PushBody = json_object(&bytes)
         .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
     let to = match req.to {
         Some(serde_json::Value::String(s)) if validate_uid(&s).is_ok() => s,

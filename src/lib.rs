@@ -11,6 +11,7 @@
 //! - [`session`]: one WebSocket session.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod http;

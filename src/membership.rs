@@ -83,6 +83,8 @@ pub struct SelfInfo {
 /// A running membership.
 pub struct Membership {
     handle: Option<ChitchatHandle>,
+    leaving: Arc<std::sync::atomic::AtomicBool>,
+    refresh: Arc<tokio::sync::Notify>,
     view: watch::Receiver<Arc<View>>,
     gossip_addr: SocketAddr,
     stop: CancellationToken,
@@ -183,7 +185,31 @@ impl Membership {
         let handle = spawn_chitchat(chitchat_cfg, kvs, &UdpTransport).await?;
         let mut live = handle.chitchat().lock().await.live_nodes_watcher();
         let vnodes = cfg.cluster.vnodes;
-        let first = members_of(&live.borrow_and_update());
+        // This node is a member from the first instant (chitchat's live set may only list it
+        // after its first round), and stops being one as soon as it announces leaving.
+        let me_member = Member {
+            id: Arc::from(me.id.as_str()),
+            url: Arc::from(me.url.as_str()),
+            http: me.http.clone(),
+            quic: me.quic,
+            gossip: gossip_addr,
+            generation,
+        };
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refresh = Arc::new(tokio::sync::Notify::new());
+        let with_self = {
+            let me_member = me_member.clone();
+            let leaving = leaving.clone();
+            move |mut members: BTreeMap<NodeId, Member>| {
+                if leaving.load(std::sync::atomic::Ordering::SeqCst) {
+                    members.remove(&me_member.id);
+                } else {
+                    members.insert(me_member.id.clone(), me_member.clone());
+                }
+                members
+            }
+        };
+        let first = with_self(members_of(&live.borrow_and_update()));
         let ring = Ring::new(first.keys().cloned(), vnodes, 1);
         let (tx, view) = watch::channel(Arc::new(View {
             members: first,
@@ -191,14 +217,16 @@ impl Membership {
         }));
         let stop = CancellationToken::new();
         let stop_watch = stop.clone();
+        let refresh_watch = refresh.clone();
         tokio::spawn(async move {
             let mut version = 1;
             loop {
                 tokio::select! {
                     _ = stop_watch.cancelled() => break,
+                    _ = refresh_watch.notified() => {}
                     changed = live.changed() => if changed.is_err() { break },
                 }
-                let members = members_of(&live.borrow_and_update());
+                let members = with_self(members_of(&live.borrow_and_update()));
                 let current = tx.borrow().clone();
                 if members == current.members {
                     continue;
@@ -222,6 +250,8 @@ impl Membership {
         });
         Ok(Membership {
             handle: Some(handle),
+            leaving,
+            refresh,
             view,
             gossip_addr,
             stop,
@@ -240,6 +270,9 @@ impl Membership {
 
     /// Announces `status = leaving`: peers drop this node from their live sets.
     pub async fn announce_leaving(&self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.refresh.notify_one();
         if let Some(h) = &self.handle {
             h.with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "leaving"))
                 .await;

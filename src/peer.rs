@@ -67,6 +67,8 @@ struct Peer {
     incoming: mpsc::Sender<(Connection, FrameReader)>,
     /// The link is down and not yet re-established: routing skips this peer.
     failed: AtomicBool,
+    /// A connection is up now.
+    up: AtomicBool,
     stop: CancellationToken,
 }
 
@@ -173,8 +175,10 @@ impl Links {
                 }
             }
         }
+        // A peer whose link is up stays even if gossip has not shown it yet (it dialled us
+        // first, proving it holds the credential); a dead one loses its link by idle timeout.
         peers.retain(|id, p| {
-            let keep = view.members.contains_key(id);
+            let keep = view.members.contains_key(id) || p.up.load(Ordering::Relaxed);
             if !keep {
                 p.stop.cancel();
             }
@@ -192,6 +196,7 @@ impl Links {
             addr: addr_tx,
             incoming,
             failed: AtomicBool::new(false),
+            up: AtomicBool::new(false),
             stop: self.stop.child_token(),
         });
         self.tracker.spawn(run_peer(
@@ -220,6 +225,16 @@ impl Links {
             .expect("peers lock")
             .get(node)
             .is_some_and(|p| !p.failed.load(Ordering::Relaxed))
+    }
+
+    /// Number of peers with a link up now.
+    pub fn links_up(&self) -> usize {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .values()
+            .filter(|p| p.up.load(Ordering::Relaxed))
+            .count()
     }
 
     /// Closes every link explicitly (peers learn at once) and waits for the endpoint.
@@ -409,6 +424,7 @@ async fn run_peer(
         };
         backoff = min_backoff;
         peer.failed.store(false, Ordering::Relaxed);
+        peer.up.store(true, Ordering::Relaxed);
         links.metrics.quic_peers.inc();
         tracing::info!(peer = %peer.id, remote = %conn.remote_address(), "peer link up");
         links.tracker.spawn(read_frames(
@@ -426,6 +442,7 @@ async fn run_peer(
                 _ = peer.stop.cancelled() => {
                     let _ = send.finish();
                     conn.close(0u32.into(), b"bye");
+                    peer.up.store(false, Ordering::Relaxed);
                     links.metrics.quic_peers.dec();
                     return;
                 }
@@ -452,6 +469,7 @@ async fn run_peer(
                 }
             }
         };
+        peer.up.store(false, Ordering::Relaxed);
         links.metrics.quic_peers.dec();
         tracing::warn!(peer = %peer.id, reason = %ended, "peer link down");
         if adopted.is_none() {

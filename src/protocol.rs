@@ -121,6 +121,12 @@ fn as_string(raw: Option<&RawValue>) -> Option<String> {
 /// # Errors
 /// [`FrameError`] describing what the session must answer.
 pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, FrameError> {
+    // serde's derived structs also accept JSON arrays (fields by position): refuse them.
+    if !text.trim_start().starts_with('{') {
+        return Err(FrameError::BadFrame(
+            "frame must be a JSON object with a `type`".into(),
+        ));
+    }
     let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
         FrameError::BadFrame(format!("frame must be a JSON object with a `type`: {e}"))
     })?;
@@ -168,6 +174,26 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
             let shown: String = other.chars().take(64).collect();
             Err(FrameError::UnknownType(shown))
         }
+    }
+}
+
+/// For a frame over the size limit: if it is a `send` with a usable id, the `failed:
+/// too_large` it gets (delivery rule 1); otherwise the `error` frame.
+pub fn oversize_answer(text: &str, max_frame: usize) -> ServerFrame {
+    if let Err(FrameError::Refused { id, to, .. }) = parse_client_frame(text, 0) {
+        return ServerFrame::Failed {
+            id: id.as_str().into(),
+            to: to.as_str().into(),
+            reason: FailReason::TooLarge,
+        };
+    }
+    ServerFrame::Error {
+        code: "too_large",
+        message: format!(
+            "frame of {} bytes is over the limit of {max_frame}",
+            text.len()
+        ),
+        id: None,
     }
 }
 
@@ -334,6 +360,39 @@ mod tests {
                 reason: FailReason::TooLarge,
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn arrays_are_not_frames() {
+        for bad in [
+            r#"["ping",null,null,null,null]"#,
+            r#"["send","m1","bob",1,null]"#,
+            " [1]",
+        ] {
+            assert!(matches!(parse(bad), Err(FrameError::BadFrame(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn oversize_send_with_id_fails_too_large() {
+        let big = r#"{"type":"send","id":"m9","to":"bob","body":"xxxxxxxx"}"#;
+        match oversize_answer(big, 10) {
+            ServerFrame::Failed { id, reason, .. } => {
+                assert_eq!((&*id, reason), ("m9", FailReason::TooLarge));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            oversize_answer(r#"{"type":"ping","pad":"xxxxxxxxxxxx"}"#, 10),
+            ServerFrame::Error {
+                code: "too_large",
+                ..
+            }
+        ));
+        assert!(matches!(
+            oversize_answer("not json at all", 3),
+            ServerFrame::Error { .. }
         ));
     }
 

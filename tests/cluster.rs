@@ -239,7 +239,7 @@ async fn peer_with_wrong_secret_is_refused() {
     cfg.cluster.seeds = vec![c.nodes[0].gossip_addr().to_string()];
     let intruder = imgate::node::start(cfg, "n3").await.unwrap();
     // Gossip is not authenticated, so the intruder shows up as a member...
-    c.wait_converged(3).await;
+    c.wait_members(3).await;
     // ...but no node completes a QUIC handshake with it, so none counts it reachable.
     for n in &c.nodes {
         cluster_support::wait_until(Duration::from_secs(5), || !n.shared().links.reachable("n3"))

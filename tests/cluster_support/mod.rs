@@ -65,14 +65,36 @@ impl Cluster {
         self.nodes.last().unwrap()
     }
 
-    /// Waits until every node sees exactly `n` members.
+    /// Waits until every node sees exactly `n` members and has a link up to each other one.
     pub async fn wait_converged(&self, n: usize) {
+        self.wait_members(n).await;
+        self.wait_links(n - 1).await;
+    }
+
+    /// Waits until every node sees exactly `n` members.
+    pub async fn wait_members(&self, n: usize) {
         for node in &self.nodes {
             let mut view = node.shared().view.clone();
             tokio::time::timeout(WAIT, view.wait_for(|v| v.members.len() == n))
                 .await
                 .unwrap_or_else(|_| panic!("{} did not see {n} members", node.node_id()))
                 .unwrap();
+        }
+    }
+
+    /// Waits until every node has `n` peer links up and counts every member reachable.
+    pub async fn wait_links(&self, n: usize) {
+        for node in &self.nodes {
+            let s = node.shared();
+            wait_until(WAIT, || {
+                let view = s.current_view();
+                s.links.links_up() == n
+                    && view
+                        .members
+                        .keys()
+                        .all(|m| **m == *s.node_id || s.links.reachable(m))
+            })
+            .await;
         }
     }
 

@@ -1,0 +1,704 @@
+//! The client SDK: a user's connection to an imgate cluster that survives node failures.
+//!
+//! [`Client::start`] spawns one task that logs in at any live node of a list, connects to the
+//! owner it names, follows `moved`, and reconnects with exponential backoff and jitter when the
+//! connection ends or stops answering pings. Every send that has no outcome yet is sent again
+//! (same `id`) after each reconnect, so a send only ends in `delivered` or `failed`. Incoming
+//! messages are deduplicated by `(from, id)` before the application sees them, and acked once
+//! the application's channel has taken them.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), imgate::client::ClientError> {
+//! use imgate::client::{Client, ClientConfig};
+//! let (client, mut incoming, _events) =
+//!     Client::start(ClientConfig::new(vec!["http://127.0.0.1:9501".into()], "alice"));
+//! let outcome = client.send("bob", serde_json::json!({"text": "hi"}))?.await?;
+//! println!("{outcome:?}");
+//! while let Some(m) = incoming.recv().await {
+//!     println!("{}: {}", m.from, m.body);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::protocol::FailReason;
+
+/// Settings of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// HTTP base URLs of nodes to log in at (`http://host:port`); any live one will do.
+    pub nodes: Vec<String>,
+    /// The user.
+    pub uid: String,
+    /// Password, for `users` auth mode.
+    pub password: Option<String>,
+    /// First reconnect delay; doubles up to `max_backoff`, with up to 50% jitter.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+    /// Log in again when the token expires within this margin.
+    pub relogin_margin: Duration,
+    /// Attempts per send (same id) while it fails `unreachable`, `timeout` or `offline`;
+    /// 1 means a `failed` is final.
+    pub max_attempts: u32,
+    /// Sends waiting for an outcome; more are refused with [`ClientError::TooManyPending`].
+    pub max_pending: usize,
+    /// Incoming `(from, id)` pairs remembered for dedup.
+    pub dedup_capacity: usize,
+    /// Interval of application pings; a connection without a pong for two intervals is
+    /// dropped and a new one made.
+    pub ping_interval: Duration,
+    /// Prefix of generated message ids (random per client start by default).
+    pub id_prefix: String,
+}
+
+impl ClientConfig {
+    /// Defaults for `uid` with these nodes.
+    pub fn new(nodes: Vec<String>, uid: &str) -> ClientConfig {
+        ClientConfig {
+            nodes,
+            uid: uid.to_string(),
+            password: None,
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            relogin_margin: Duration::from_secs(300),
+            max_attempts: 1,
+            max_pending: 4096,
+            dedup_capacity: 10_000,
+            ping_interval: Duration::from_secs(10),
+            id_prefix: format!("{:08x}", rand::random::<u32>()),
+        }
+    }
+}
+
+/// Errors of the SDK.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    /// Too many sends wait for an outcome.
+    #[error("too many sends waiting for an outcome")]
+    TooManyPending,
+    /// The client was closed before the send ended.
+    #[error("client closed")]
+    Closed,
+    /// The node refused the frame (`error` with this id).
+    #[error("refused: {code}: {message}")]
+    Refused {
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+}
+
+/// How a send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// A device of the recipient acked it.
+    Delivered,
+    /// It will not be delivered.
+    Failed(FailReason),
+}
+
+/// A message for the application.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    /// Sender uid.
+    pub from: String,
+    /// Sender's message id.
+    pub id: String,
+    /// Body.
+    pub body: Value,
+    /// When the sender's node took it, ms since the epoch.
+    pub ts: u64,
+}
+
+/// Connection state changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A session is live at `node`.
+    Connected {
+        /// Node id.
+        node: String,
+        /// Session id.
+        session: String,
+    },
+    /// The session ended; the client reconnects.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// The node said the user lives elsewhere now.
+    Moved {
+        /// The new owner.
+        node: String,
+    },
+}
+
+enum Cmd {
+    Send {
+        id: String,
+        to: String,
+        body: Value,
+        reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
+    },
+}
+
+/// A send in flight; resolves to its outcome.
+#[derive(Debug)]
+pub struct PendingSend {
+    id: String,
+    rx: oneshot::Receiver<Result<SendOutcome, ClientError>>,
+}
+
+impl PendingSend {
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Future for PendingSend {
+    type Output = Result<SendOutcome, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
+/// A handle to a running client; cheap to clone. Dropping every handle stops the client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    cmd: mpsc::Sender<Cmd>,
+    uid: String,
+    prefix: String,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cmd")
+    }
+}
+
+impl Client {
+    /// Starts the client task; returns the handle, incoming messages and state events.
+    pub fn start(cfg: ClientConfig) -> (Client, mpsc::Receiver<Incoming>, mpsc::Receiver<Event>) {
+        let (cmd_tx, cmd_rx) = mpsc::channel(cfg.max_pending);
+        let (in_tx, in_rx) = mpsc::channel(1024);
+        let (ev_tx, ev_rx) = mpsc::channel(64);
+        let client = Client {
+            cmd: cmd_tx,
+            uid: cfg.uid.clone(),
+            prefix: cfg.id_prefix.clone(),
+            counter: Default::default(),
+        };
+        tokio::spawn(run(cfg, cmd_rx, in_tx, ev_tx));
+        (client, in_rx, ev_rx)
+    }
+
+    /// The user.
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// Sends `body` to `to` with a fresh id; the returned future resolves to the outcome.
+    ///
+    /// # Errors
+    /// [`ClientError::TooManyPending`] or [`ClientError::Closed`] at once.
+    pub fn send(&self, to: &str, body: Value) -> Result<PendingSend, ClientError> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.send_with_id(&format!("{}-{n}", self.prefix), to, body)
+    }
+
+    /// Sends with a caller-chosen id (unique per user).
+    ///
+    /// # Errors
+    /// [`ClientError::TooManyPending`] or [`ClientError::Closed`] at once.
+    pub fn send_with_id(
+        &self,
+        id: &str,
+        to: &str,
+        body: Value,
+    ) -> Result<PendingSend, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Send {
+            id: id.to_string(),
+            to: to.to_string(),
+            body,
+            reply,
+        };
+        self.cmd.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ClientError::TooManyPending,
+            mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
+        })?;
+        Ok(PendingSend {
+            id: id.to_string(),
+            rx,
+        })
+    }
+}
+
+struct Pending {
+    id: String,
+    to: String,
+    body: Value,
+    attempts: u32,
+    reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
+}
+
+/// Sends waiting for an outcome, in the order they were made.
+#[derive(Default)]
+struct PendingSet {
+    by_order: BTreeMap<u64, Pending>,
+    order_of: HashMap<String, Vec<u64>>,
+    next: u64,
+}
+
+impl PendingSet {
+    fn len(&self) -> usize {
+        self.by_order.len()
+    }
+
+    fn insert(&mut self, p: Pending) -> u64 {
+        let k = self.next;
+        self.next += 1;
+        self.order_of.entry(p.id.clone()).or_default().push(k);
+        self.by_order.insert(k, p);
+        k
+    }
+
+    /// Removes the oldest send with `id`.
+    fn take(&mut self, id: &str) -> Option<Pending> {
+        let keys = self.order_of.get_mut(id)?;
+        let k = keys.remove(0);
+        if keys.is_empty() {
+            self.order_of.remove(id);
+        }
+        self.by_order.remove(&k)
+    }
+
+    fn peek_mut(&mut self, id: &str) -> Option<&mut Pending> {
+        let k = *self.order_of.get(id)?.first()?;
+        self.by_order.get_mut(&k)
+    }
+}
+
+/// Remembers the last `cap` incoming `(from, id)`.
+struct Seen {
+    set: HashSet<(String, String)>,
+    order: VecDeque<(String, String)>,
+    cap: usize,
+}
+
+impl Seen {
+    fn insert(&mut self, key: (String, String)) -> bool {
+        if self.set.contains(&key) {
+            return false;
+        }
+        if self.order.len() >= self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(key.clone());
+        self.set.insert(key);
+        true
+    }
+}
+
+fn send_frame(p: &Pending) -> WsMessage {
+    let f = json!({"type": "send", "id": p.id, "to": p.to, "body": p.body});
+    WsMessage::Text(f.to_string().into())
+}
+
+fn retryable(reason: FailReason) -> bool {
+    matches!(
+        reason,
+        FailReason::Unreachable | FailReason::Timeout | FailReason::Offline
+    )
+}
+
+struct Login {
+    token: String,
+    url: String,
+    expires_at: u64,
+}
+
+async fn login(http: &reqwest::Client, cfg: &ClientConfig, start: usize) -> Option<Login> {
+    for i in 0..cfg.nodes.len() {
+        let base = cfg.nodes[(start + i) % cfg.nodes.len()].trim_end_matches('/');
+        let mut body = json!({"uid": cfg.uid});
+        if let Some(p) = &cfg.password {
+            body["password"] = json!(p);
+        }
+        let resp = http
+            .post(format!("{base}/login"))
+            .json(&body)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        let Ok(resp) = resp else { continue };
+        if !resp.status().is_success() {
+            tracing::debug!(node = base, status = %resp.status(), "login refused");
+            continue;
+        }
+        let Ok(v) = resp.json::<Value>().await else {
+            continue;
+        };
+        if let (Some(token), Some(url)) = (v["token"].as_str(), v["url"].as_str()) {
+            return Some(Login {
+                token: token.to_string(),
+                url: url.to_string(),
+                expires_at: v["expires_at"].as_u64().unwrap_or(0),
+            });
+        }
+    }
+    None
+}
+
+async fn run(
+    cfg: ClientConfig,
+    mut cmds: mpsc::Receiver<Cmd>,
+    incoming: mpsc::Sender<Incoming>,
+    events: mpsc::Sender<Event>,
+) {
+    let http = reqwest::Client::new();
+    let mut pending = PendingSet::default();
+    let mut seen = Seen {
+        set: HashSet::new(),
+        order: VecDeque::new(),
+        cap: cfg.dedup_capacity.max(1),
+    };
+    let mut session: Option<Login> = None;
+    let mut backoff = cfg.min_backoff;
+    let mut start = rand::random::<u32>() as usize;
+    let mut moves = 0u32;
+    loop {
+        // 1. A token and the owner's URL.
+        let now = crate::auth::unix_now();
+        let fresh = session
+            .as_ref()
+            .is_some_and(|s| s.expires_at > now + cfg.relogin_margin.as_secs());
+        if !fresh {
+            session = login(&http, &cfg, start).await;
+            start = start.wrapping_add(1);
+        }
+        let Some(s) = &session else {
+            if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                return;
+            }
+            continue;
+        };
+        // 2. The WebSocket and its welcome (or a moved).
+        let url = format!("{}?token={}", s.url, s.token);
+        let connected = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await;
+        let mut ws = match connected {
+            Ok(Ok((ws, _))) => ws,
+            _ => {
+                session = None; // the owner may be gone: ask a node again
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let first = tokio::time::timeout(Duration::from_secs(3), ws.next()).await;
+        let first: Value = match first {
+            Ok(Some(Ok(WsMessage::Text(t)))) => serde_json::from_str(&t).unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        match first["type"].as_str() {
+            Some("welcome") => {
+                moves = 0;
+                let _ = events.try_send(Event::Connected {
+                    node: first["node"].as_str().unwrap_or("").to_string(),
+                    session: first["session"].as_str().unwrap_or("").to_string(),
+                });
+            }
+            Some("moved") => {
+                let _ = events.try_send(Event::Moved {
+                    node: first["node"].as_str().unwrap_or("").to_string(),
+                });
+                moves += 1;
+                if let (Some(s), Some(url)) = (session.as_mut(), first["url"].as_str())
+                    && moves < 4
+                {
+                    s.url = url.to_string();
+                    continue;
+                }
+                session = None;
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                    return;
+                }
+                continue;
+            }
+            _ => {
+                session = None;
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                    return;
+                }
+                continue;
+            }
+        }
+        backoff = cfg.min_backoff;
+        // 3. Resend everything without an outcome, in order, with the same ids.
+        let mut ok = true;
+        for p in pending.by_order.values() {
+            if ws.feed(send_frame(p)).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok && ws.flush().await.is_err() {
+            ok = false;
+        }
+        // 4. Serve the session.
+        let reason = if ok {
+            serve(
+                &cfg,
+                &mut ws,
+                &mut cmds,
+                &incoming,
+                &mut pending,
+                &mut seen,
+                &mut session,
+            )
+            .await
+        } else {
+            Ended::Reconnect("write failed".into())
+        };
+        match reason {
+            Ended::Stop => {
+                let _ = ws.close(None).await;
+                return;
+            }
+            Ended::Moved(node) => {
+                let _ = events.try_send(Event::Moved { node });
+            }
+            Ended::Reconnect(reason) => {
+                let _ = events.try_send(Event::Disconnected { reason });
+                session = None;
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+enum Ended {
+    Stop,
+    Moved(String),
+    Reconnect(String),
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn serve(
+    cfg: &ClientConfig,
+    ws: &mut Ws,
+    cmds: &mut mpsc::Receiver<Cmd>,
+    incoming: &mpsc::Sender<Incoming>,
+    pending: &mut PendingSet,
+    seen: &mut Seen,
+    session: &mut Option<Login>,
+) -> Ended {
+    let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let Some(Cmd::Send { id, to, body, reply }) = cmd else { return Ended::Stop };
+                if pending.len() >= cfg.max_pending {
+                    let _ = reply.send(Err(ClientError::TooManyPending));
+                    continue;
+                }
+                let p = Pending { id, to, body, attempts: 1, reply };
+                let frame = send_frame(&p);
+                pending.insert(p);
+                if ws.send(frame).await.is_err() {
+                    return Ended::Reconnect("write failed".into());
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > cfg.ping_interval * 2 {
+                    return Ended::Reconnect("no answer to pings".into());
+                }
+                let f = WsMessage::Text(json!({"type": "ping"}).to_string().into());
+                if ws.send(f).await.is_err() {
+                    return Ended::Reconnect("write failed".into());
+                }
+            }
+            m = ws.next() => {
+                last_heard = Instant::now();
+                let text = match m {
+                    Some(Ok(WsMessage::Text(t))) => t,
+                    Some(Ok(WsMessage::Close(f))) => {
+                        return Ended::Reconnect(format!("closed: {f:?}"));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Ended::Reconnect(e.to_string()),
+                    None => return Ended::Reconnect("connection ended".into()),
+                };
+                let f: Value = match serde_json::from_str(&text) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                match f["type"].as_str() {
+                    Some("msg") => {
+                        let from = f["from"].as_str().unwrap_or("").to_string();
+                        let id = f["id"].as_str().unwrap_or("").to_string();
+                        if seen.insert((from.clone(), id.clone())) {
+                            let m = Incoming { from, id, body: f["body"].clone(), ts: f["ts"].as_u64().unwrap_or(0) };
+                            if incoming.send(m).await.is_err() {
+                                return Ended::Stop;
+                            }
+                        }
+                        let ack = json!({"type": "ack", "seq": f["seq"]});
+                        if ws.send(WsMessage::Text(ack.to_string().into())).await.is_err() {
+                            return Ended::Reconnect("write failed".into());
+                        }
+                    }
+                    Some("delivered") => {
+                        if let Some(p) = f["id"].as_str().and_then(|id| pending.take(id)) {
+                            let _ = p.reply.send(Ok(SendOutcome::Delivered));
+                        }
+                    }
+                    Some("failed") => {
+                        let Some(id) = f["id"].as_str() else { continue };
+                        let reason: FailReason = serde_json::from_value(f["reason"].clone()).unwrap_or(FailReason::Invalid);
+                        let again = pending.peek_mut(id).is_some_and(|p| {
+                            retryable(reason) && p.attempts < cfg.max_attempts
+                        });
+                        if again {
+                            let p = pending.peek_mut(id).expect("checked");
+                            p.attempts += 1;
+                            let frame = send_frame(p);
+                            if ws.send(frame).await.is_err() {
+                                return Ended::Reconnect("write failed".into());
+                            }
+                        } else if let Some(p) = pending.take(id) {
+                            let _ = p.reply.send(Ok(SendOutcome::Failed(reason)));
+                        }
+                    }
+                    Some("error") => {
+                        if let Some(p) = f["id"].as_str().and_then(|id| pending.take(id)) {
+                            let _ = p.reply.send(Err(ClientError::Refused {
+                                code: f["code"].as_str().unwrap_or("").to_string(),
+                                message: f["message"].as_str().unwrap_or("").to_string(),
+                            }));
+                        }
+                    }
+                    Some("moved") => {
+                        let node = f["node"].as_str().unwrap_or("").to_string();
+                        if let (Some(s), Some(url)) = (session.as_mut(), f["url"].as_str()) {
+                            s.url = url.to_string();
+                        }
+                        return Ended::Moved(node);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps the backoff (with jitter) while still taking new sends; false if the client stops.
+async fn wait_backoff(
+    backoff: &mut Duration,
+    cfg: &ClientConfig,
+    cmds: &mut mpsc::Receiver<Cmd>,
+    pending: &mut PendingSet,
+) -> bool {
+    let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
+    let until = Instant::now() + *backoff + jitter;
+    *backoff = (*backoff * 2).min(cfg.max_backoff);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return true,
+            cmd = cmds.recv() => {
+                let Some(Cmd::Send { id, to, body, reply }) = cmd else { return false };
+                if pending.len() >= cfg.max_pending {
+                    let _ = reply.send(Err(ClientError::TooManyPending));
+                } else {
+                    pending.insert(Pending { id, to, body, attempts: 1, reply });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(id: &str) -> (Pending, oneshot::Receiver<Result<SendOutcome, ClientError>>) {
+        let (reply, rx) = oneshot::channel();
+        (
+            Pending {
+                id: id.into(),
+                to: "b".into(),
+                body: Value::Null,
+                attempts: 1,
+                reply,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn pending_keeps_order_and_repeats() {
+        let mut set = PendingSet::default();
+        let (a, _ra) = pending("a");
+        let (b, _rb) = pending("b");
+        let (a2, _ra2) = pending("a");
+        set.insert(a);
+        set.insert(b);
+        set.insert(a2);
+        let ids: Vec<&str> = set.by_order.values().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "a"]);
+        assert!(set.take("a").is_some());
+        assert_eq!(set.len(), 2);
+        assert!(set.take("a").is_some());
+        assert!(set.take("a").is_none());
+        assert!(set.take("zz").is_none());
+    }
+
+    #[test]
+    fn seen_is_bounded() {
+        let mut seen = Seen {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap: 2,
+        };
+        assert!(seen.insert(("a".into(), "1".into())));
+        assert!(!seen.insert(("a".into(), "1".into())));
+        assert!(seen.insert(("a".into(), "2".into())));
+        assert!(seen.insert(("a".into(), "3".into())));
+        assert_eq!(seen.set.len(), 2);
+        assert!(
+            seen.insert(("a".into(), "1".into())),
+            "forgotten beyond capacity"
+        );
+    }
+}
