@@ -268,11 +268,15 @@ impl Membership {
         self.gossip_addr
     }
 
-    /// Announces `status = leaving`: peers drop this node from their live sets.
-    pub async fn announce_leaving(&self) {
+    /// Drops this node from its own view: from now on it owns nobody.
+    pub fn step_down(&self) {
         self.leaving
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.refresh.notify_one();
+    }
+
+    /// Announces `status = leaving`: peers drop this node from their live sets.
+    pub async fn announce_leaving(&self) {
         if let Some(h) = &self.handle {
             h.with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "leaving"))
                 .await;

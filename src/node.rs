@@ -158,6 +158,22 @@ pub enum Command {
         /// The peer.
         node: NodeId,
     },
+    /// What is still in flight here (for draining).
+    Status {
+        /// The answer.
+        reply: oneshot::Sender<DriverStatus>,
+    },
+}
+
+/// What a node still has in flight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DriverStatus {
+    /// Live sessions.
+    pub sessions: usize,
+    /// Messages in delivery (pushed or held).
+    pub deliveries: usize,
+    /// Messages forwarded to other nodes and waiting for their outcome.
+    pub forwards: usize,
 }
 
 /// Where a uid lives, as this node sees it.
@@ -403,13 +419,36 @@ impl NodeHandle {
         self.shared.shutdown.cancelled().await;
     }
 
-    /// Stops the node: leaves gossip, closes sessions with 1001 and peer links explicitly,
-    /// then awaits every task, within `http.shutdown_timeout_ms`.
+    /// What the engine driver still has in flight.
+    pub async fn status(&self) -> Option<DriverStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .engine
+            .send(Command::Status { reply })
+            .await
+            .ok()?;
+        answer.await.ok()
+    }
+
+    /// Drains and stops the node, within `http.shutdown_timeout_ms`:
+    /// 1. announces `leaving` in gossip and keeps serving for five gossip rounds, so that peers
+    ///    drop it from their views before its users arrive at their new owners;
+    /// 2. drops itself from its own view, which sends `moved` (with the new owner) to every
+    ///    session and hands the messages held here to their new owners;
+    /// 3. waits until no session, delivery or forward is left (or half the bound passed);
+    /// 4. closes what is left (sessions with 1001), closes peer links explicitly, stops gossip.
     pub async fn shutdown(self) {
         let bound = Duration::from_millis(self.shared.cfg.http.shutdown_timeout_ms);
         let shared = self.shared.clone();
         let all = async move {
             self.membership.announce_leaving().await;
+            let others = self.shared.current_view().members.len() > 1;
+            if others {
+                let settle = Duration::from_millis(self.shared.cfg.gossip.interval_ms * 5);
+                tokio::time::sleep(settle.min(bound / 4)).await;
+            }
+            self.membership.step_down();
+            self.drain(bound / 2).await;
             self.shared.shutdown.cancel();
             self.tracker.close();
             let _ = self.server.await;
@@ -419,6 +458,32 @@ impl NodeHandle {
         };
         if tokio::time::timeout(bound, all).await.is_err() {
             tracing::warn!(node = %shared.node_id, "shutdown bound reached; tasks left behind");
+        }
+    }
+}
+
+impl NodeHandle {
+    async fn drain(&self, budget: Duration) {
+        let start = Instant::now();
+        // Let the view change reach the driver before judging it idle.
+        let settle = Duration::from_millis(self.shared.cfg.gossip.interval_ms);
+        loop {
+            let others = self.shared.current_view().members.len();
+            let status = self.status().await.unwrap_or_default();
+            let idle = status == DriverStatus::default();
+            if others == 0 && status.sessions == 0 || idle && start.elapsed() >= settle {
+                tracing::info!(elapsed = ?start.elapsed(), "drained");
+                return;
+            }
+            if others == 0 && start.elapsed() >= settle {
+                tracing::info!(?status, "no other node to hand over to");
+                return;
+            }
+            if start.elapsed() >= budget {
+                tracing::warn!(?status, "drain budget spent; closing what is left");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -577,6 +642,13 @@ impl Driver {
             },
             Command::Peer { from, frame } => self.on_peer_frame(from, frame, now),
             Command::PeerDown { node } => self.fail_forwards(|n| *n == node, "link down"),
+            Command::Status { reply } => {
+                let _ = reply.send(DriverStatus {
+                    sessions: self.engine.session_count(),
+                    deliveries: self.engine.deliveries_in_flight(),
+                    forwards: self.forwards.len(),
+                });
+            }
         }
     }
 
@@ -768,7 +840,13 @@ impl Driver {
     /// A new membership view: relink, then move away the users this node no longer owns.
     fn on_view(&mut self, view: &Arc<View>) {
         self.shared.links.update(view);
-        self.fail_forwards(|n| !view.members.contains_key(n), "owner left the cluster");
+        // A node that left the view but still has its link up is draining: it hands what it
+        // holds over and relays the outcomes, so its forwards wait (a dead one's link times out).
+        let links = self.shared.links.clone();
+        self.fail_forwards(
+            |n| !view.members.contains_key(n) && !links.is_up(n),
+            "owner left the cluster",
+        );
         self.shared
             .metrics
             .gossip_members

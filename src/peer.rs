@@ -227,6 +227,15 @@ impl Links {
             .is_some_and(|p| !p.failed.load(Ordering::Relaxed))
     }
 
+    /// Whether a link to `node` is up now.
+    pub fn is_up(&self, node: &str) -> bool {
+        self.peers
+            .read()
+            .expect("peers lock")
+            .get(node)
+            .is_some_and(|p| p.up.load(Ordering::Relaxed))
+    }
+
     /// Number of peers with a link up now.
     pub fn links_up(&self) -> usize {
         self.peers

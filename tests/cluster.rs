@@ -266,3 +266,55 @@ async fn peer_with_wrong_secret_is_refused() {
     intruder.shutdown().await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_moves_sessions_and_hands_over_held_messages() {
+    let mut c = Cluster::start_with(3, |cfg| cfg.delivery.hold_ms = 5000).await;
+    c.wait_converged(3).await;
+    let owned_by_n3 = |prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|u| c.nodes[0].shared().owner_of(u).unwrap().node.as_ref() == "n3")
+            .unwrap()
+    };
+    let (online, offline) = (owned_by_n3("on"), owned_by_n3("off"));
+    let sender_uid = (0..)
+        .map(|i| format!("s{i}"))
+        .find(|u| c.nodes[0].shared().owner_of(u).unwrap().node.as_ref() != "n3")
+        .unwrap();
+    let mut sender = Client::login(&c.nodes[0].http_url(), &sender_uid).await;
+    let mut user = Client::login(&c.nodes[0].http_url(), &online).await;
+    assert_eq!(user.node, "n3");
+    // A message held on n3 for a user who is not connected yet.
+    sender.send("held-1", &offline, json!("x")).await;
+    cluster_support::wait_until(Duration::from_secs(5), || {
+        c.nodes[2].shared().metrics.held.get() == 1
+    })
+    .await;
+    let n3 = c.nodes.pop().unwrap();
+    let stopping = tokio::spawn(n3.shutdown());
+    // The connected user is told where to go, with code 4001, and is served there.
+    let moved = user.expect("moved").await;
+    assert_ne!(moved["node"], "n3");
+    assert_eq!(user.close_code().await, Some(4001));
+    c.wait_members(2).await;
+    let mut user = Client::connect(moved["url"].as_str().unwrap(), &user.token).await;
+    assert_eq!(user.node, moved["node"].as_str().unwrap());
+    // The held message was handed to the new owner and reaches the user when they log in.
+    let mut late = Client::login(&c.nodes[0].http_url(), &offline).await;
+    assert_ne!(late.node, "n3");
+    let m = late.expect("msg").await;
+    assert_eq!(m["id"], "held-1");
+    late.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(sender.expect("delivered").await["id"], "held-1");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown within its bound")
+        .unwrap();
+    c.wait_converged(2).await;
+    user.send("after", &sender_uid, json!(1)).await;
+    let m = sender.expect("msg").await;
+    sender.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(user.expect("delivered").await["id"], "after");
+    c.shutdown().await;
+}
