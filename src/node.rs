@@ -646,7 +646,17 @@ impl Driver {
                 let _ = reply.send(DriverStatus {
                     sessions: self.engine.session_count(),
                     deliveries: self.engine.deliveries_in_flight(),
-                    forwards: self.forwards.len(),
+                    // Forwards whose only waiters are sessions that are gone need no waiting.
+                    forwards: self
+                        .forwards
+                        .values()
+                        .filter(|f| {
+                            f.waiters.iter().any(|w| match w {
+                                Waiter::Session(s) => self.engine.session_uid(*s).is_some(),
+                                _ => true,
+                            })
+                        })
+                        .count(),
                 });
             }
         }
