@@ -91,6 +91,9 @@ pub enum ClientError {
     /// The client was closed before the send ended.
     #[error("client closed")]
     Closed,
+    /// The id or recipient is not acceptable (id: 1 to 64 bytes; recipient: a uid).
+    #[error("invalid send: {0}")]
+    Invalid(&'static str),
     /// The node refused the frame (`error` with this id).
     #[error("refused: {code}: {message}")]
     Refused {
@@ -185,6 +188,22 @@ pub struct Client {
     uid: String,
     prefix: String,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stats: std::sync::Arc<ClientStats>,
+}
+
+/// Counters of one client, for reports and tests.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Send frames written again (after a reconnect, or after a retryable `failed`).
+    pub resent: std::sync::atomic::AtomicU64,
+    /// Incoming messages dropped because their `(from, id)` was already seen.
+    pub duplicates: std::sync::atomic::AtomicU64,
+    /// Sessions welcomed (the first included).
+    pub sessions: std::sync::atomic::AtomicU64,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl std::fmt::Debug for Cmd {
@@ -204,9 +223,15 @@ impl Client {
             uid: cfg.uid.clone(),
             prefix: cfg.id_prefix.clone(),
             counter: Default::default(),
+            stats: Default::default(),
         };
-        tokio::spawn(run(cfg, cmd_rx, in_tx, ev_tx));
+        tokio::spawn(run(cfg, cmd_rx, in_tx, ev_tx, client.stats.clone()));
         (client, in_rx, ev_rx)
+    }
+
+    /// This client's counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
     }
 
     /// The user.
@@ -228,13 +253,18 @@ impl Client {
     /// Sends with a caller-chosen id (unique per user).
     ///
     /// # Errors
-    /// [`ClientError::TooManyPending`] or [`ClientError::Closed`] at once.
+    /// [`ClientError::Invalid`], [`ClientError::TooManyPending`] or [`ClientError::Closed`]
+    /// at once.
     pub fn send_with_id(
         &self,
         id: &str,
         to: &str,
         body: Value,
     ) -> Result<PendingSend, ClientError> {
+        if id.is_empty() || id.len() > crate::protocol::MAX_ID_BYTES {
+            return Err(ClientError::Invalid("id must be 1 to 64 bytes"));
+        }
+        crate::auth::validate_uid(to).map_err(ClientError::Invalid)?;
         let (reply, rx) = oneshot::channel();
         let cmd = Cmd::Send {
             id: id.to_string(),
@@ -333,6 +363,13 @@ fn retryable(reason: FailReason) -> bool {
     )
 }
 
+/// What the client task keeps across sessions.
+struct State {
+    pending: PendingSet,
+    seen: Seen,
+    stats: std::sync::Arc<ClientStats>,
+}
+
 struct Login {
     token: String,
     url: String,
@@ -376,13 +413,17 @@ async fn run(
     mut cmds: mpsc::Receiver<Cmd>,
     incoming: mpsc::Sender<Incoming>,
     events: mpsc::Sender<Event>,
+    stats: std::sync::Arc<ClientStats>,
 ) {
     let http = reqwest::Client::new();
-    let mut pending = PendingSet::default();
-    let mut seen = Seen {
-        set: HashSet::new(),
-        order: VecDeque::new(),
-        cap: cfg.dedup_capacity.max(1),
+    let mut st = State {
+        pending: PendingSet::default(),
+        seen: Seen {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap: cfg.dedup_capacity.max(1),
+        },
+        stats,
     };
     let mut session: Option<Login> = None;
     let mut backoff = cfg.min_backoff;
@@ -399,7 +440,7 @@ async fn run(
             start = start.wrapping_add(1);
         }
         let Some(s) = &session else {
-            if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+            if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
                 return;
             }
             continue;
@@ -415,7 +456,7 @@ async fn run(
             Ok(Ok((ws, _))) => ws,
             _ => {
                 session = None; // the owner may be gone: ask a node again
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
                     return;
                 }
                 continue;
@@ -429,6 +470,7 @@ async fn run(
         match first["type"].as_str() {
             Some("welcome") => {
                 moves = 0;
+                bump(&st.stats.sessions);
                 let _ = events.try_send(Event::Connected {
                     node: first["node"].as_str().unwrap_or("").to_string(),
                     session: first["session"].as_str().unwrap_or("").to_string(),
@@ -446,14 +488,14 @@ async fn run(
                     continue;
                 }
                 session = None;
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
                     return;
                 }
                 continue;
             }
             _ => {
                 session = None;
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
                     return;
                 }
                 continue;
@@ -462,7 +504,8 @@ async fn run(
         backoff = cfg.min_backoff;
         // 3. Resend everything without an outcome, in order, with the same ids.
         let mut ok = true;
-        for p in pending.by_order.values() {
+        for p in st.pending.by_order.values() {
+            bump(&st.stats.resent);
             if ws.feed(send_frame(p)).await.is_err() {
                 ok = false;
                 break;
@@ -473,16 +516,7 @@ async fn run(
         }
         // 4. Serve the session.
         let reason = if ok {
-            serve(
-                &cfg,
-                &mut ws,
-                &mut cmds,
-                &incoming,
-                &mut pending,
-                &mut seen,
-                &mut session,
-            )
-            .await
+            serve(&cfg, &mut ws, &mut cmds, &incoming, &mut st, &mut session).await
         } else {
             Ended::Reconnect("write failed".into())
         };
@@ -497,7 +531,7 @@ async fn run(
             Ended::Reconnect(reason) => {
                 let _ = events.try_send(Event::Disconnected { reason });
                 session = None;
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
                     return;
                 }
             }
@@ -519,10 +553,14 @@ async fn serve(
     ws: &mut Ws,
     cmds: &mut mpsc::Receiver<Cmd>,
     incoming: &mpsc::Sender<Incoming>,
-    pending: &mut PendingSet,
-    seen: &mut Seen,
+    st: &mut State,
     session: &mut Option<Login>,
 ) -> Ended {
+    let State {
+        pending,
+        seen,
+        stats,
+    } = st;
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     let mut last_heard = Instant::now();
     loop {
@@ -568,7 +606,9 @@ async fn serve(
                     Some("msg") => {
                         let from = f["from"].as_str().unwrap_or("").to_string();
                         let id = f["id"].as_str().unwrap_or("").to_string();
-                        if seen.insert((from.clone(), id.clone())) {
+                        if !seen.insert((from.clone(), id.clone())) {
+                            bump(&stats.duplicates);
+                        } else {
                             let m = Incoming { from, id, body: f["body"].clone(), ts: f["ts"].as_u64().unwrap_or(0) };
                             if incoming.send(m).await.is_err() {
                                 return Ended::Stop;
@@ -593,6 +633,7 @@ async fn serve(
                         if again {
                             let p = pending.peek_mut(id).expect("checked");
                             p.attempts += 1;
+                            bump(&stats.resent);
                             let frame = send_frame(p);
                             if ws.send(frame).await.is_err() {
                                 return Ended::Reconnect("write failed".into());

@@ -382,7 +382,8 @@ impl Config {
         })
     }
 
-    /// Applies `IMGATE_JWT_SECRET` and `IMGATE_API_KEY` from `get` (the process env in `load`).
+    /// Applies `IMGATE_JWT_SECRET`, `IMGATE_API_KEY` and `IMGATE_CLUSTER_SECRET` from `get`
+    /// (the process env in `load`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(secret) = get("IMGATE_JWT_SECRET").filter(|s| !s.is_empty()) {
             self.auth.jwt_secret = secret;

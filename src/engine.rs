@@ -189,8 +189,14 @@ pub enum Action {
 
 type DeliveryId = u64;
 
-/// A dedup key: `(from, id)`.
-type DedupKey = (Arc<str>, Arc<str>);
+/// A dedup key: `(from, to, id)`. Rule 5 speaks of `(from, id)`; the recipient is part of the
+/// key so that an id reused for another recipient is never answered with the first one's
+/// outcome.
+type DedupKey = (Arc<str>, Arc<str>, Arc<str>);
+
+fn dedup_key(msg: &Message) -> DedupKey {
+    (msg.from.clone(), msg.to.clone(), msg.id.clone())
+}
 
 #[derive(Debug)]
 struct Delivery {
@@ -413,7 +419,7 @@ impl Engine {
             if d.held_until.is_some() {
                 self.held_count -= 1;
             }
-            self.dedup.remove(&(d.msg.from.clone(), d.msg.id.clone()));
+            self.dedup.remove(&dedup_key(&d.msg));
             out.push((d.msg, d.waiters));
         }
         self.metrics.held.set(self.held_count as i64);
@@ -489,10 +495,7 @@ impl Engine {
                 self.take(now, msg, Waiter::Session(session), out);
                 self.close_slow(now, out);
             }
-            Route::Remote(node) => {
-                self.metrics.messages_forwarded.inc();
-                out.push(Action::Forward { node, session, msg });
-            }
+            Route::Remote(node) => out.push(Action::Forward { node, session, msg }),
             Route::Unreachable => {
                 self.metrics.failed(FailReason::Unreachable);
                 self.outcome(
@@ -548,7 +551,7 @@ impl Engine {
     }
 
     fn take(&mut self, now: Instant, msg: Message, waiter: Waiter, out: &mut Vec<Action>) {
-        let key = (msg.from.clone(), msg.id.clone());
+        let key = dedup_key(&msg);
         match self.dedup.get(&key) {
             Some(Dedup::InFlight(did)) => {
                 let did = *did;
@@ -560,6 +563,7 @@ impl Engine {
                 if d.waiters.len() < MAX_WAITERS {
                     d.waiters.push(waiter);
                 } else {
+                    self.metrics.failed(FailReason::RateLimited);
                     self.report(waiter, &msg, Outcome::Failed(FailReason::RateLimited), out);
                 }
                 return;
@@ -572,6 +576,7 @@ impl Engine {
             None => {}
         }
         if self.deliveries.len() >= self.cfg.max_deliveries {
+            self.metrics.failed(FailReason::RateLimited);
             self.report(waiter, &msg, Outcome::Failed(FailReason::RateLimited), out);
             return;
         }
@@ -816,7 +821,7 @@ impl Engine {
                 s.pending.remove(seq);
             }
         }
-        let key = (d.msg.from.clone(), d.msg.id.clone());
+        let key = dedup_key(&d.msg);
         match outcome {
             Outcome::Delivered => {
                 self.metrics.delivered.inc();

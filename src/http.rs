@@ -311,6 +311,11 @@ async fn do_login(
         .or(parsed.id)
         .ok_or_else(|| ApiError::bad_request("uid is required"))?;
     validate_uid(&uid).map_err(ApiError::bad_request)?;
+    if uid.starts_with('$') {
+        return Err(ApiError::bad_request(
+            "uids starting with `$` are reserved for system senders",
+        ));
+    }
     if shared.cfg.auth.mode == AuthMode::Users {
         let password = parsed
             .password
@@ -625,13 +630,18 @@ async fn api_presence(
                 "node stopping",
             )
         })?;
-    let sessions = answer.await.map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "node stopping",
-        )
-    })?;
+    // The driver drops the answer when the owner cannot be asked; a peer that does not
+    // answer is given up on after 3 s.
+    let sessions = match tokio::time::timeout(Duration::from_secs(3), answer).await {
+        Ok(Ok(n)) => n,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unreachable",
+                format!("the owner node {} could not be asked", owner.node),
+            ));
+        }
+    };
     Ok(Json(json!({
         "uid": uid,
         "online": sessions > 0,

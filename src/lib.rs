@@ -6,9 +6,16 @@
 //! - [`protocol`]: client WebSocket frames (parse) and node frames (encode).
 //! - [`engine`]: the delivery rules as a state machine without IO.
 //! - [`metrics`]: Prometheus metrics of a node.
-//! - [`node`]: a running node: the engine driver, sessions and the HTTP server.
+//! - [`ring`]: the consistent-hash ring (hashring, virtual nodes, explicit-byte hashing).
+//! - [`membership`]: gossip membership (chitchat) and the view: live members plus ring.
+//! - [`wire`]: node-to-node frames (bincode 2 behind a version byte).
+//! - [`tls`]: the cluster credential: mutual TLS from a CA derived from the cluster secret.
+//! - [`peer`]: node-to-node links over QUIC, one connection per pair of nodes.
+//! - [`node`]: a running node: the engine driver, ownership, forwarding, drain.
 //! - [`http`]: the HTTP routes (login, API, operations, chat page) and JSON errors.
 //! - [`session`]: one WebSocket session.
+//! - [`client`]: the client SDK (reconnect, resend, dedup, auto-ack).
+//! - [`up`]: `imgate up`, every node of a file as a child process.
 
 pub mod auth;
 pub mod client;

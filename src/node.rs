@@ -158,6 +158,11 @@ pub enum Command {
         /// The peer.
         node: NodeId,
     },
+    /// A link to a peer came up.
+    PeerUp {
+        /// The peer.
+        node: NodeId,
+    },
     /// What is still in flight here (for draining).
     Status {
         /// The answer.
@@ -590,6 +595,15 @@ impl Driver {
                 uid,
                 outbox,
             } => {
+                // The view may have changed since the upgrade was accepted; view changes are
+                // handled here too, so checking again here leaves no window for a session to
+                // stay on a node that does not own its user.
+                if let Some(owner) = self.shared.owner_of(&uid)
+                    && owner.node != self.shared.node_id
+                {
+                    let _ = outbox.end.send(SessionEnd::Moved(owner));
+                    return;
+                }
                 self.outboxes.insert(session, outbox);
                 self.engine
                     .open_session(now, session, &uid, &mut self.actions);
@@ -641,7 +655,13 @@ impl Driver {
                 Route::Unreachable => {}
             },
             Command::Peer { from, frame } => self.on_peer_frame(from, frame, now),
-            Command::PeerDown { node } => self.fail_forwards(|n| *n == node, "link down"),
+            // Reachability is part of the ownership rule: a link that comes or goes can change
+            // the owner of users whose sessions live here.
+            Command::PeerDown { node } => {
+                self.fail_forwards(|n| *n == node, "link down");
+                self.rebalance(now);
+            }
+            Command::PeerUp { .. } => self.rebalance(now),
             Command::Status { reply } => {
                 let _ = reply.send(DriverStatus {
                     sessions: self.engine.session_count(),
@@ -861,7 +881,11 @@ impl Driver {
             .metrics
             .gossip_members
             .set(view.members.len() as i64);
-        let now = Instant::now().into_std();
+        self.rebalance(Instant::now().into_std());
+    }
+
+    /// Moves away the sessions and held messages of users this node no longer owns.
+    fn rebalance(&mut self, now: std::time::Instant) {
         let mut moved = 0usize;
         for (session, uid) in self.engine.sessions() {
             let Some(owner) = self.shared.owner_of(&uid) else {
@@ -884,11 +908,7 @@ impl Driver {
             }
         }
         if moved > 0 {
-            tracing::info!(
-                moved,
-                ring_version = view.version(),
-                "sessions moved to their new owners"
-            );
+            tracing::info!(moved, "sessions moved to their new owners");
         }
     }
 

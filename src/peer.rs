@@ -355,10 +355,17 @@ async fn accept_loop(links: Arc<Links>) {
 
 async fn read_frames(links: Arc<Links>, node: NodeId, mut reader: FrameReader, conn: Connection) {
     while let Some(item) = reader.next().await {
-        let frame = match item
-            .map_err(anyhow::Error::from)
-            .and_then(|b| Ok(wire::decode(b.freeze())?))
-        {
+        let bytes = match item {
+            Ok(b) => b,
+            Err(e) => {
+                // The link ended (or a length prefix was over the limit); the writer side
+                // sees the connection close and reconnects.
+                tracing::debug!(%node, error = %e, "peer stream ended");
+                conn.close(2u32.into(), b"stream ended");
+                return;
+            }
+        };
+        let frame = match wire::decode(bytes.freeze()) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(%node, error = %e, "bad frame from peer; closing the link");
@@ -436,6 +443,12 @@ async fn run_peer(
         peer.up.store(true, Ordering::Relaxed);
         links.metrics.quic_peers.inc();
         tracing::info!(peer = %peer.id, remote = %conn.remote_address(), "peer link up");
+        let _ = links
+            .engine
+            .send(Command::PeerUp {
+                node: peer.id.clone(),
+            })
+            .await;
         links.tracker.spawn(read_frames(
             links.clone(),
             peer.id.clone(),

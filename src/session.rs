@@ -5,7 +5,7 @@
 //! arrive on the session's bounded outbox. The task also sends WebSocket pings every
 //! `websocket.ping_interval_ms` and closes a socket silent for `websocket.idle_timeout_ms`.
 //!
-//! Close codes: 1000 normal, 1001 node shutting down, 1009 frame too big, 4000 idle timeout,
+//! Close codes: 1001 node shutting down, 1009 frame too big, 4000 idle timeout,
 //! 4001 moved (sent by the upgrade handler), 4002 slow consumer, 4003 replaced by a newer
 //! session of the same user.
 
@@ -220,15 +220,14 @@ async fn handle_text(
     max_body: usize,
 ) -> Option<ServerFrame> {
     if text.len() > max_frame {
-        shared.metrics.frame_errors.inc();
-        return Some(ServerFrame::Error {
-            code: "too_large",
-            message: format!(
-                "frame of {} bytes is over the limit of {max_frame}",
-                text.len()
-            ),
-            id: None,
-        });
+        let answer = crate::protocol::oversize_answer(text, max_frame);
+        match &answer {
+            ServerFrame::Failed { reason, .. } => shared.metrics.failed(*reason),
+            _ => {
+                shared.metrics.frame_errors.inc();
+            }
+        }
+        return Some(answer);
     }
     let cmd = match parse_client_frame(text, max_body) {
         Ok(ClientFrame::Ping) => return Some(ServerFrame::Pong),

@@ -91,6 +91,14 @@ async fn follows_moved_resends_and_surfaces_each_message_once() {
     let m = next_incoming(&mut tin).await;
     assert_eq!((m.from.as_str(), m.id.as_str()), (sender.as_str(), "m-1"));
     assert_eq!(pending.await, Ok(SendOutcome::Delivered));
+    let resent = alice
+        .stats()
+        .resent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        resent >= 1,
+        "the pending send was written again after the move"
+    );
     assert!(
         tokio::time::timeout(Duration::from_millis(500), tin.recv())
             .await

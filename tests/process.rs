@@ -3,158 +3,17 @@
 //! Ports are found by binding port 0 and releasing it just before the node binds it again.
 
 mod cluster_support;
+mod proc_support;
+
+use proc_support::ProcCluster;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-struct Proc {
-    id: String,
-    http: String,
-    child: Option<Child>,
-}
-
-struct ProcCluster {
-    dir: PathBuf,
-    procs: Vec<Proc>,
-}
-
-fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl ProcCluster {
-    fn start(n: usize) -> ProcCluster {
-        let dir = std::env::temp_dir().join(format!(
-            "imgate-proc-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_tcp(), free_udp(), free_udp()))
-            .collect();
-        let mut toml = format!(
-            "[cluster]\nid = \"proc-test\"\nseeds = [\"127.0.0.1:{}\"]\n",
-            ports[0].1
-        );
-        toml.push_str("[delivery]\nack_timeout_ms = 500\nmax_retries = 3\nhold_ms = 3000\n");
-        for (i, (h, g, q)) in ports.iter().enumerate() {
-            toml.push_str(&format!(
-                "[[nodes]]\nid = \"n{}\"\nhttp = \"127.0.0.1:{h}\"\ngossip = \"127.0.0.1:{g}\"\nquic = \"127.0.0.1:{q}\"\n",
-                i + 1
-            ));
-        }
-        std::fs::write(dir.join("cluster.toml"), toml).unwrap();
-        let mut c = ProcCluster {
-            dir,
-            procs: Vec::new(),
-        };
-        for (i, (h, _, _)) in ports.iter().enumerate() {
-            c.procs.push(Proc {
-                id: format!("n{}", i + 1),
-                http: format!("http://127.0.0.1:{h}"),
-                child: None,
-            });
-            c.spawn(i);
-        }
-        c
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let p = &mut self.procs[i];
-        let log = std::fs::File::create(self.dir.join(format!("{}.log", p.id))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_imgate"))
-            .arg("node")
-            .arg("--config")
-            .arg(self.dir.join("cluster.toml"))
-            .arg("--id")
-            .arg(&p.id)
-            .env("IMGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        p.child = Some(child);
-    }
-
-    fn kill9(&mut self, i: usize) {
-        let mut child = self.procs[i].child.take().unwrap();
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-    }
-
-    fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}.log", self.procs[i].id)))
-            .unwrap_or_default()
-    }
-
-    /// Waits until every running node reports `members` live members.
-    async fn wait_members(&self, members: u64, limit: Duration) -> Duration {
-        let start = Instant::now();
-        let http = reqwest::Client::new();
-        for p in self.procs.iter().filter(|p| p.child.is_some()) {
-            loop {
-                let ok = match http.get(format!("{}/health", p.http)).send().await {
-                    Ok(r) => r
-                        .json::<Value>()
-                        .await
-                        .map(|v| v["members"] == members)
-                        .unwrap_or(false),
-                    Err(_) => false,
-                };
-                if ok {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < limit,
-                    "{} never saw {members} members",
-                    p.id
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        start.elapsed()
-    }
-}
-
-impl Drop for ProcCluster {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            if let Some(mut c) = p.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-}
 
 #[derive(Default)]
 struct Tally {
@@ -281,7 +140,10 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_one_of_three_under_traffic() {
-    let mut c = ProcCluster::start(3);
+    let mut c = ProcCluster::start(
+        3,
+        "[delivery]\nack_timeout_ms = 500\nmax_retries = 3\nhold_ms = 3000\n",
+    );
     let join = c.wait_members(3, Duration::from_secs(20)).await;
     println!("three processes joined in {join:?}");
     let nodes: Vec<String> = c.procs.iter().map(|p| p.http.clone()).collect();

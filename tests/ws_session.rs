@@ -423,7 +423,7 @@ async fn body_over_max_body_fails_too_large() {
 }
 
 #[tokio::test]
-async fn frame_over_max_frame_is_error_too_large_and_session_stays_open() {
+async fn frame_over_max_frame_is_refused_and_session_stays_open() {
     let node = start(small_limits()).await;
     let mut ws = connect(&node, "alice").await;
     // 1500 bytes: over 1024, under 4 x 1024.
@@ -432,11 +432,16 @@ async fn frame_over_max_frame_is_error_too_large_and_session_stays_open() {
     send_text(&mut ws, text).await;
     let e = next_of(&mut ws, "error").await;
     assert_eq!(e["code"], "too_large", "{e}");
-    // A send whose frame is too big (even with an id) is refused the same way.
+    // A send whose frame is too big but carries a usable id ends in `failed: too_large`
+    // (delivery rule 1: every send with a usable id gets an outcome).
     let text = json!({"type": "send", "id": "m", "to": "bob", "pad": "p".repeat(1500)}).to_string();
     send_text(&mut ws, text).await;
-    let e = next_of(&mut ws, "error").await;
-    assert_eq!(e["code"], "too_large", "{e}");
+    let f = next_of(&mut ws, "failed").await;
+    assert_eq!(
+        (&f["id"], &f["to"], &f["reason"]),
+        (&json!("m"), &json!("bob"), &json!("too_large")),
+        "{f}"
+    );
     ping_pong(&mut ws).await;
     node.shutdown().await;
 }
