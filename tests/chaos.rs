@@ -11,151 +11,22 @@
 //! It prints the re-home time after each kill: from the signal until every client that lived on
 //! the node is welcomed again elsewhere (p50, p99, max).
 
-mod cluster_support;
+mod chaos_support;
 mod proc_support;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imgate::client::{Client, ClientConfig, Event, SendOutcome};
+use chaos_support::{
+    World, clients_on, percentiles, rehomed, spawn_client, wait_delivered, wait_until,
+};
+use imgate::client::SendOutcome;
 use proc_support::ProcCluster;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 const NODES: usize = 4;
 const CLIENTS: usize = 40;
-
-#[derive(Default)]
-struct World {
-    /// Sends made: (sender, id).
-    sent: HashSet<(String, String)>,
-    /// Outcomes: (sender, id) -> outcome.
-    outcomes: HashMap<(String, String), SendOutcome>,
-    /// (from, id) as applications received them, with how often.
-    received: HashMap<(String, String), u32>,
-    /// Each client's node of its current session and when it was welcomed.
-    at: HashMap<String, (String, Instant)>,
-    /// Recipient of each id.
-    to: HashMap<String, String>,
-    /// Sends that ended in an SDK error.
-    errors: Vec<(String, String, String)>,
-}
-
-fn client_config(nodes: &[String], uid: &str) -> ClientConfig {
-    let mut cfg = ClientConfig::new(nodes.to_vec(), uid);
-    cfg.max_attempts = 100;
-    cfg.ping_interval = Duration::from_millis(300);
-    cfg.min_backoff = Duration::from_millis(20);
-    cfg.max_backoff = Duration::from_millis(400);
-    cfg
-}
-
-fn spawn_client(
-    uid: String,
-    peers: Vec<String>,
-    nodes: Vec<String>,
-    world: Arc<Mutex<World>>,
-    sending: Arc<std::sync::atomic::AtomicBool>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let (client, mut incoming, mut events) = Client::start(client_config(&nodes, &uid));
-        let mut tick = tokio::time::interval(Duration::from_millis(150));
-        let mut n = 0u64;
-        let mut outcomes = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {
-                    if !sending.load(std::sync::atomic::Ordering::Relaxed) { continue }
-                    n += 1;
-                    let to = peers[(n as usize * 7 + uid.len()) % peers.len()].clone();
-                    let id = format!("{uid}-{n}");
-                    let Ok(pending) = client.send_with_id(&id, &to, json!({"n": n})) else { continue };
-                    {
-                        let mut w = world.lock().unwrap();
-                        w.sent.insert((uid.clone(), id.clone()));
-                        w.to.insert(id.clone(), to.clone());
-                    }
-                    let world = world.clone();
-                    let uid = uid.clone();
-                    outcomes.spawn(async move {
-                        match pending.await {
-                            Ok(o) => { world.lock().unwrap().outcomes.insert((uid, id), o); }
-                            Err(e) => { world.lock().unwrap().errors.push((uid, id, e.to_string())); }
-                        }
-                    });
-                }
-                m = incoming.recv() => {
-                    let Some(m) = m else { break };
-                    *world.lock().unwrap().received.entry((m.from, m.id)).or_default() += 1;
-                }
-                e = events.recv() => {
-                    if let Some(Event::Connected { node, .. }) = e {
-                        world.lock().unwrap().at.insert(uid.clone(), (node, Instant::now()));
-                    }
-                }
-                Some(_) = outcomes.join_next(), if !outcomes.is_empty() => {}
-            }
-        }
-        outcomes.abort_all();
-    })
-}
-
-fn percentiles(mut v: Vec<Duration>) -> String {
-    v.sort();
-    if v.is_empty() {
-        return "no clients".into();
-    }
-    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    format!(
-        "{} clients: p50 {:?}, p99 {:?}, max {:?}",
-        v.len(),
-        at(0.5),
-        at(0.99),
-        at(1.0)
-    )
-}
-
-/// Clients whose session was on `node`.
-fn clients_on(world: &Mutex<World>, node: &str) -> Vec<String> {
-    world
-        .lock()
-        .unwrap()
-        .at
-        .iter()
-        .filter(|(_, (n, _))| n == node)
-        .map(|(u, _)| u.clone())
-        .collect()
-}
-
-/// Waits until every client of `orphans` was welcomed on another node after `since`; returns
-/// the re-home times.
-async fn rehomed(
-    world: &Mutex<World>,
-    orphans: &[String],
-    gone: &str,
-    since: Instant,
-) -> Vec<Duration> {
-    cluster_support::wait_until(Duration::from_secs(30), || {
-        let w = world.lock().unwrap();
-        orphans
-            .iter()
-            .all(|u| w.at.get(u).is_some_and(|(n, t)| n != gone && *t > since))
-    })
-    .await;
-    let w = world.lock().unwrap();
-    orphans.iter().map(|u| w.at[u].1 - since).collect()
-}
-
-async fn wait_delivered(world: &Mutex<World>, more: usize) {
-    let target = world.lock().unwrap().outcomes.len() + more;
-    cluster_support::wait_until(Duration::from_secs(30), || {
-        world.lock().unwrap().outcomes.len() >= target
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kill_term_pause_restart() {
@@ -186,7 +57,7 @@ async fn chaos_kill_term_pause_restart() {
             )
         })
         .collect();
-    cluster_support::wait_until(Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(30), || {
         world.lock().unwrap().at.len() == CLIENTS
     })
     .await;
@@ -305,10 +176,13 @@ async fn chaos_kill_term_pause_restart() {
     let dups: Vec<_> = w.received.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dups.is_empty(), "surfaced twice: {dups:?}");
     println!(
-        "sends {}, delivered {}, received {}, in {:?}",
+        "sends {}, delivered {}, received {}, resent {}, duplicates suppressed {}, sessions {}, in {:?}",
         w.sent.len(),
         w.outcomes.len(),
         w.received.len(),
+        w.resent,
+        w.suppressed,
+        w.sessions,
         started.elapsed()
     );
     drop(w);

@@ -77,7 +77,7 @@ impl ProcCluster {
     pub fn spawn(&mut self, i: usize) {
         let p = &mut self.procs[i];
         let log = std::fs::File::create(self.dir.join(format!("{}.log", p.id))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_imgate"))
+        let child = Command::new(imgate_binary())
             .arg("node")
             .arg("--config")
             .arg(self.dir.join("cluster.toml"))
@@ -185,6 +185,19 @@ impl Drop for ProcCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The `imgate` binary: cargo names it for integration tests; an example finds it next to
+/// its own directory (`target/<profile>/examples/..` -> `target/<profile>/imgate`).
+pub fn imgate_binary() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_imgate") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|examples| examples.parent())
+        .map(|dir| dir.join("imgate"))
+        .expect("target directory")
 }
 
 fn rand_suffix() -> u64 {

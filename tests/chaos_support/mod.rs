@@ -1,0 +1,169 @@
+//! The chaos workload shared by the chaos suite (tests/chaos.rs) and the soak
+//! (examples/chaos.rs): SDK clients that send all the time and a tally of what happened.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use imgate::client::{Client, ClientConfig, ClientStats, Event, SendOutcome};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// Polls `cond` every 10 ms until it holds; panics after `limit`.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[derive(Default)]
+pub struct World {
+    /// Sends made: (sender, id).
+    pub sent: HashSet<(String, String)>,
+    /// Outcomes: (sender, id) -> outcome.
+    pub outcomes: HashMap<(String, String), SendOutcome>,
+    /// (from, id) as applications received them, with how often.
+    pub received: HashMap<(String, String), u32>,
+    /// Each client's node of its current session and when it was welcomed.
+    pub at: HashMap<String, (String, Instant)>,
+    /// Recipient of each id.
+    pub to: HashMap<String, String>,
+    /// Sends that ended in an SDK error.
+    pub errors: Vec<(String, String, String)>,
+    /// Send frames the SDKs wrote again (summed when the clients stop).
+    pub resent: u64,
+    /// Incoming duplicates the SDKs dropped before the applications saw them.
+    pub suppressed: u64,
+    /// Sessions the SDKs were welcomed to.
+    pub sessions: u64,
+}
+
+pub fn client_config(nodes: &[String], uid: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new(nodes.to_vec(), uid);
+    cfg.max_attempts = 100;
+    cfg.ping_interval = Duration::from_millis(300);
+    cfg.min_backoff = Duration::from_millis(20);
+    cfg.max_backoff = Duration::from_millis(400);
+    cfg
+}
+
+pub fn spawn_client(
+    uid: String,
+    peers: Vec<String>,
+    nodes: Vec<String>,
+    world: Arc<Mutex<World>>,
+    sending: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (client, mut incoming, mut events) = Client::start(client_config(&nodes, &uid));
+        let mut tick = tokio::time::interval(Duration::from_millis(150));
+        let mut n = 0u64;
+        let mut outcomes = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    if !sending.load(std::sync::atomic::Ordering::Relaxed) { continue }
+                    n += 1;
+                    let to = peers[(n as usize * 7 + uid.len()) % peers.len()].clone();
+                    let id = format!("{uid}-{n}");
+                    let Ok(pending) = client.send_with_id(&id, &to, json!({"n": n})) else { continue };
+                    {
+                        let mut w = world.lock().unwrap();
+                        w.sent.insert((uid.clone(), id.clone()));
+                        w.to.insert(id.clone(), to.clone());
+                    }
+                    let world = world.clone();
+                    let uid = uid.clone();
+                    outcomes.spawn(async move {
+                        match pending.await {
+                            Ok(o) => { world.lock().unwrap().outcomes.insert((uid, id), o); }
+                            Err(e) => { world.lock().unwrap().errors.push((uid, id, e.to_string())); }
+                        }
+                    });
+                }
+                m = incoming.recv() => {
+                    let Some(m) = m else { break };
+                    *world.lock().unwrap().received.entry((m.from, m.id)).or_default() += 1;
+                }
+                e = events.recv() => {
+                    if let Some(Event::Connected { node, .. }) = e {
+                        world.lock().unwrap().at.insert(uid.clone(), (node, Instant::now()));
+                    }
+                }
+                Some(_) = outcomes.join_next(), if !outcomes.is_empty() => {}
+            }
+        }
+        outcomes.abort_all();
+        let mut w = world.lock().unwrap();
+        add_stats(&mut w, client.stats());
+    })
+}
+
+fn add_stats(w: &mut World, s: &ClientStats) {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    w.resent += get(&s.resent);
+    w.suppressed += get(&s.duplicates);
+    w.sessions += get(&s.sessions);
+}
+
+pub fn percentiles(mut v: Vec<Duration>) -> String {
+    v.sort();
+    if v.is_empty() {
+        return "no clients".into();
+    }
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    format!(
+        "{} clients: p50 {:?}, p99 {:?}, max {:?}",
+        v.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+/// Clients whose session was on `node`.
+pub fn clients_on(world: &Mutex<World>, node: &str) -> Vec<String> {
+    world
+        .lock()
+        .unwrap()
+        .at
+        .iter()
+        .filter(|(_, (n, _))| n == node)
+        .map(|(u, _)| u.clone())
+        .collect()
+}
+
+/// Waits until every client of `orphans` was welcomed on another node after `since`; returns
+/// the re-home times.
+pub async fn rehomed(
+    world: &Mutex<World>,
+    orphans: &[String],
+    gone: &str,
+    since: Instant,
+) -> Vec<Duration> {
+    wait_until(Duration::from_secs(30), || {
+        let w = world.lock().unwrap();
+        orphans
+            .iter()
+            .all(|u| w.at.get(u).is_some_and(|(n, t)| n != gone && *t > since))
+    })
+    .await;
+    let w = world.lock().unwrap();
+    orphans.iter().map(|u| w.at[u].1 - since).collect()
+}
+
+pub async fn wait_delivered(world: &Mutex<World>, more: usize) {
+    let target = world.lock().unwrap().outcomes.len() + more;
+    wait_until(Duration::from_secs(30), || {
+        world.lock().unwrap().outcomes.len() >= target
+    })
+    .await;
+}
