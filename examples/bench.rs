@@ -1,0 +1,1053 @@
+//! Load generator: imgate against a Socket.IO 4 + Redis cluster and a raw relay, same client.
+//!
+//! ```text
+//! cargo build --release --bins --examples
+//! cargo run --release --example bench -- chat --target imgate --users 300 --window 8 --seconds 10
+//! cargo run --release --example bench -- idle --target imgate --sessions 10000,50000,100000
+//! cargo run --release --example bench -- login --concurrency 64 --seconds 5
+//! cargo run --release --example bench -- failover --users 1000
+//! ```
+//! Each run starts its own servers (imgate nodes from the binary next to this example, the
+//! relay example, or `node bench/socketio/server.js` with a local `redis-server`), measures,
+//! stops them, and prints a human table and one JSON line (also appended to `--json-out`).
+//! `bench/run.sh` runs the whole comparison.
+//!
+//! Scenarios:
+//! - `chat`: N users, each with at most W sends outstanding, over 3 nodes (recipients on
+//!   another node than their sender); a message counts when its end-to-end ack reaches the
+//!   sender. Reports msgs/s, latency p50/p99/p99.9/max, failures, CPU and peak RSS per server.
+//! - `idle`: K idle sessions on one node, client sockets spread over 127.0.0.x source
+//!   addresses; reports server RSS per session at each step.
+//! - `login`: logins/s against one imgate node with C concurrent clients.
+//! - `failover`: re-home time of the users of one of three imgate nodes after kill -9.
+
+#[path = "../tests/proc_support/mod.rs"]
+mod proc_support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+#[derive(Parser)]
+#[command(about = "imgate load generator")]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Append the JSON result line to this file.
+    #[arg(long, global = true)]
+    json_out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// End-to-end acked messages over a 3-node cluster.
+    Chat {
+        #[arg(long, value_enum, default_value_t = Target::Imgate)]
+        target: Target,
+        /// Users (each sends and receives).
+        #[arg(long, default_value_t = 300)]
+        users: usize,
+        /// Sends outstanding per user.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// Measured seconds (after a 2 s warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Cap on the total send rate, messages/s (0: as fast as acks allow).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
+    /// Idle sessions on one node: RSS per session.
+    Idle {
+        #[arg(long, value_enum, default_value_t = Target::Imgate)]
+        target: Target,
+        /// Session counts to measure at, ascending.
+        #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
+        sessions: Vec<usize>,
+    },
+    /// Logins per second against one imgate node.
+    Login {
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Re-home time after kill -9 of one of three imgate nodes.
+    Failover {
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Target {
+    Imgate,
+    Socketio,
+    Relay,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Imgate => "imgate",
+            Target::Socketio => "socketio",
+            Target::Relay => "relay",
+        }
+    }
+}
+
+// ----- servers ---------------------------------------------------------------------------
+
+struct Server {
+    name: String,
+    child: Child,
+    /// `host:port` clients connect to.
+    addr: String,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+struct Servers {
+    list: Vec<Server>,
+    redis: Option<Child>,
+    _dir: Option<tempdir::Dir>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for s in &mut self.list {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        if let Some(r) = &mut self.redis {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn free_port_tcp() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn free_port_udp() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn exe_dir() -> PathBuf {
+    // target/<profile>/examples/bench -> target/<profile>/examples
+    std::env::current_exe()
+        .expect("current exe")
+        .parent()
+        .expect("examples dir")
+        .to_path_buf()
+}
+
+/// Starts `n` imgate nodes with long keepalive timeouts (idle sessions must stay).
+async fn start_imgate(n: usize) -> anyhow::Result<Servers> {
+    let dir = std::env::temp_dir().join(format!("imgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ports: Vec<(u16, u16, u16)> = (0..n)
+        .map(|_| (free_port_tcp(), free_port_udp(), free_port_udp()))
+        .collect();
+    let mut toml = format!(
+        "[cluster]\nid = \"bench\"\nseeds = [\"127.0.0.1:{}\"]\n\
+         [websocket]\nping_interval_ms = 300000\nidle_timeout_ms = 900000\n\
+         [limits]\nmax_sessions = 1000000\nsends_per_second = 100000\n",
+        ports[0].1
+    );
+    for (i, (h, g, q)) in ports.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[nodes]]\nid = \"n{}\"\nhttp = \"127.0.0.1:{h}\"\ngossip = \"127.0.0.1:{g}\"\nquic = \"127.0.0.1:{q}\"\n",
+            i + 1
+        ));
+    }
+    let cfg = dir.join("cluster.toml");
+    std::fs::write(&cfg, toml)?;
+    let bin = proc_support::imgate_binary();
+    let mut list = Vec::new();
+    for (i, (h, _, _)) in ports.iter().enumerate() {
+        let child = Command::new(&bin)
+            .args(["node", "--config"])
+            .arg(&cfg)
+            .args(["--id", &format!("n{}", i + 1)])
+            .env("IMGATE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        list.push(Server {
+            name: format!("n{}", i + 1),
+            child,
+            addr: format!("127.0.0.1:{h}"),
+        });
+    }
+    let servers = Servers {
+        list,
+        redis: None,
+        _dir: Some(tempdir::Dir(dir)),
+    };
+    let http = reqwest::Client::new();
+    for s in &servers.list {
+        wait_for(Duration::from_secs(20), || async {
+            let r = http.get(format!("http://{}/health", s.addr)).send().await;
+            match r {
+                Ok(r) => r.json::<Value>().await.is_ok_and(|v| v["members"] == n),
+                Err(_) => false,
+            }
+        })
+        .await
+        .with_context(|| format!("{} did not converge", s.name))?;
+    }
+    Ok(servers)
+}
+
+async fn start_relay() -> anyhow::Result<Servers> {
+    let port = free_port_tcp();
+    let child = Command::new(exe_dir().join("relay"))
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the relay example (cargo build --examples)")?;
+    let addr = format!("127.0.0.1:{port}");
+    wait_for(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(&addr).await.is_ok()
+    })
+    .await?;
+    Ok(Servers {
+        list: vec![Server {
+            name: "relay".into(),
+            child,
+            addr,
+        }],
+        redis: None,
+        _dir: None,
+    })
+}
+
+async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/socketio");
+    if !dir.join("node_modules").exists() {
+        bail!("bench/socketio/node_modules missing: run bench/setup.sh");
+    }
+    let redis_port = free_port_tcp();
+    let redis = Command::new("redis-server")
+        .args([
+            "--port",
+            &redis_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (bench/setup.sh installs it)")?;
+    let raddr = format!("127.0.0.1:{redis_port}");
+    wait_for(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(&raddr).await.is_ok()
+    })
+    .await?;
+    let mut list = Vec::new();
+    for i in 0..n {
+        let port = free_port_tcp();
+        let child = Command::new("node")
+            .arg(dir.join("server.js"))
+            .arg(port.to_string())
+            .env("REDIS_URL", format!("redis://{raddr}"))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting node")?;
+        list.push(Server {
+            name: format!("sio{}", i + 1),
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        });
+    }
+    for s in &list {
+        wait_for(Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(&s.addr).await.is_ok()
+        })
+        .await?;
+    }
+    Ok(Servers {
+        list,
+        redis: Some(redis),
+        _dir: None,
+    })
+}
+
+async fn wait_for<F, Fut>(limit: Duration, mut probe: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !probe().await {
+        if start.elapsed() > limit {
+            bail!("not ready within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+// ----- clients ---------------------------------------------------------------------------
+
+type Ws = WebSocketStream<tokio::net::TcpStream>;
+
+fn client_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+/// Opens a TCP connection from 127.0.0.`src` and upgrades it to a WebSocket at `url`.
+async fn ws_connect(url: &str, src: u8) -> anyhow::Result<Ws> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
+    let host = uri.host().context("host")?;
+    let port = uri.port_u16().context("port")?;
+    let addr: SocketAddr = format!("{host}:{port}").parse()?;
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, src.max(1))),
+        0,
+    ))?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, tcp, Some(client_ws_config())).await?;
+    Ok(ws)
+}
+
+/// A connected bench user, speaking one target's protocol.
+struct User {
+    target: Target,
+    uid: String,
+    ws: Ws,
+}
+
+const BODY: &str = "hello from the imgate bench";
+
+impl User {
+    async fn connect(
+        target: Target,
+        addr: &str,
+        uid: &str,
+        token: Option<&str>,
+        src: u8,
+    ) -> anyhow::Result<User> {
+        let url = match target {
+            Target::Imgate => format!("ws://{addr}/ws?token={}", token.context("token")?),
+            Target::Relay => format!("ws://{addr}/?uid={uid}"),
+            Target::Socketio => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
+        };
+        let mut ws = ws_connect(&url, src).await?;
+        // Wait for the session to be live.
+        match target {
+            Target::Imgate => {
+                let first = next_text(&mut ws).await?;
+                if !first.contains("\"welcome\"") {
+                    bail!("expected welcome, got {first}");
+                }
+            }
+            Target::Socketio => {
+                let open = next_text(&mut ws).await?;
+                if !open.starts_with('0') {
+                    bail!("expected an Engine.IO open packet, got {open}");
+                }
+                ws.send(Message::text(format!("40{}", json!({ "uid": uid }))))
+                    .await?;
+                loop {
+                    let t = next_text(&mut ws).await?;
+                    if t.starts_with("40") {
+                        break;
+                    }
+                    if t.starts_with("44") {
+                        bail!("socket.io refused the connection: {t}");
+                    }
+                }
+            }
+            Target::Relay => {}
+        }
+        Ok(User {
+            target,
+            uid: uid.to_string(),
+            ws,
+        })
+    }
+
+    fn send_frame(&self, to: &str, id: u64) -> Message {
+        match self.target {
+            Target::Imgate => Message::text(format!(
+                r#"{{"type":"send","id":"{id}","to":"{to}","body":"{BODY}"}}"#
+            )),
+            Target::Relay => Message::text(format!(
+                r#"{{"type":"send","id":"{id}","to":"{to}","from":"{}","body":"{BODY}"}}"#,
+                self.uid
+            )),
+            Target::Socketio => Message::text(format!(
+                r#"42{id}["send",{{"to":"{to}","id":"{id}","body":"{BODY}"}}]"#
+            )),
+        }
+    }
+}
+
+async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("no frame within 10 s")?
+            .context("socket ended")??;
+        if let Message::Text(t) = m {
+            return Ok(t.to_string());
+        }
+    }
+}
+
+/// What an incoming frame means to a bench user.
+enum Seen {
+    /// Our message `id` was acked end to end (or failed, when `ok` is false).
+    Outcome {
+        id: u64,
+        ok: bool,
+    },
+    /// A reply to write (an ack, a pong).
+    Reply(Message),
+    Nothing,
+}
+
+fn classify(target: Target, me: &str, text: &str) -> Seen {
+    match target {
+        Target::Imgate => {
+            let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+            match v["type"].as_str() {
+                Some("msg") => Seen::Reply(Message::text(format!(
+                    r#"{{"type":"ack","seq":{}}}"#,
+                    v["seq"]
+                ))),
+                Some("delivered") => Seen::Outcome {
+                    id: v["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0),
+                    ok: true,
+                },
+                Some("failed") => Seen::Outcome {
+                    id: v["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0),
+                    ok: false,
+                },
+                _ => Seen::Nothing,
+            }
+        }
+        Target::Relay => {
+            let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+            match v["type"].as_str() {
+                Some("send") => Seen::Reply(Message::text(format!(
+                    r#"{{"type":"ack","to":"{}","id":"{}","from":"{me}"}}"#,
+                    v["from"].as_str().unwrap_or(""),
+                    v["id"].as_str().unwrap_or("")
+                ))),
+                Some("ack") => Seen::Outcome {
+                    id: v["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0),
+                    ok: true,
+                },
+                _ => Seen::Nothing,
+            }
+        }
+        Target::Socketio => {
+            if text == "2" {
+                return Seen::Reply(Message::text("3"));
+            }
+            if let Some(rest) = text.strip_prefix("43") {
+                // 43<ackid>[{"status":...}]
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let ok = rest[digits.len()..].contains("\"delivered\"");
+                return Seen::Outcome {
+                    id: digits.parse().unwrap_or(0),
+                    ok,
+                };
+            }
+            if let Some(rest) = text.strip_prefix("42") {
+                // 42<ackid>["msg",{...}]: ack it.
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if !digits.is_empty() {
+                    return Seen::Reply(Message::text(format!("43{digits}[]")));
+                }
+            }
+            Seen::Nothing
+        }
+    }
+}
+
+// ----- chat --------------------------------------------------------------------------------
+
+struct ChatResult {
+    delivered: u64,
+    failed: u64,
+    hist: Histogram<u64>,
+}
+
+async fn login_token(
+    http: &reqwest::Client,
+    addr: &str,
+    uid: &str,
+) -> anyhow::Result<(String, String)> {
+    let v: Value = http
+        .post(format!("http://{addr}/login"))
+        .json(&json!({ "uid": uid }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = v["token"].as_str().context("token")?.to_string();
+    let url = v["url"].as_str().context("url")?.to_string();
+    let owner = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .to_string();
+    Ok((token, owner))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn chat_user(
+    mut user: User,
+    to: String,
+    window: usize,
+    start_at: Instant,
+    measure_from: Instant,
+    end_at: Instant,
+    go: Arc<AtomicBool>,
+    budget: Option<Arc<AtomicU64>>,
+) -> ChatResult {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(window * 2);
+    let mut next_id: u64 = 1;
+    let (mut delivered, mut failed) = (0u64, 0u64);
+    tokio::time::sleep_until(start_at.into()).await;
+    let _ = go.load(Ordering::Relaxed);
+    let mut refill = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let now = Instant::now();
+        if now >= end_at {
+            break;
+        }
+        // Keep the window full (within the global rate budget, if any).
+        let mut wrote = false;
+        while sent_at.len() < window {
+            if let Some(b) = &budget
+                && b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+                    .is_err()
+            {
+                break;
+            }
+            let frame = user.send_frame(&to, next_id);
+            if user.ws.feed(frame).await.is_err() {
+                return ChatResult {
+                    delivered,
+                    failed,
+                    hist,
+                };
+            }
+            sent_at.insert(next_id, Instant::now());
+            next_id += 1;
+            wrote = true;
+        }
+        if wrote && user.ws.flush().await.is_err() {
+            break;
+        }
+        let m = tokio::select! {
+            m = user.ws.next() => m,
+            _ = refill.tick() => continue,
+            _ = tokio::time::sleep_until(end_at.into()) => break,
+        };
+        let Some(Ok(Message::Text(t))) = m else {
+            if matches!(m, None | Some(Err(_))) {
+                break;
+            }
+            continue;
+        };
+        match classify(user.target, &user.uid, &t) {
+            Seen::Outcome { id, ok } => {
+                if let Some(at) = sent_at.remove(&id) {
+                    let now = Instant::now();
+                    if now >= measure_from {
+                        if ok {
+                            delivered += 1;
+                            let _ = hist.record((now - at).as_micros().max(1) as u64);
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                }
+            }
+            Seen::Reply(r) => {
+                if user.ws.send(r).await.is_err() {
+                    break;
+                }
+            }
+            Seen::Nothing => {}
+        }
+    }
+    ChatResult {
+        delivered,
+        failed,
+        hist,
+    }
+}
+
+async fn chat(
+    target: Target,
+    users: usize,
+    window: usize,
+    seconds: f64,
+    rate: u64,
+) -> anyhow::Result<Value> {
+    let servers = match target {
+        Target::Imgate => start_imgate(3).await?,
+        Target::Socketio => start_socketio(3).await?,
+        Target::Relay => start_relay().await?,
+    };
+    let http = reqwest::Client::new();
+    let uids: Vec<String> = (0..users).map(|i| format!("u{i}")).collect();
+    // Where each user connects, and its partner on another node.
+    let mut placed: Vec<(String, String, Option<String>)> = Vec::new(); // (uid, addr, token)
+    for (i, uid) in uids.iter().enumerate() {
+        match target {
+            Target::Imgate => {
+                let entry = &servers.list[i % servers.list.len()].addr;
+                let (token, owner) = login_token(&http, entry, uid).await?;
+                placed.push((uid.clone(), owner, Some(token)));
+            }
+            _ => placed.push((
+                uid.clone(),
+                servers.list[i % servers.list.len()].addr.clone(),
+                None,
+            )),
+        }
+    }
+    let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, p) in placed.iter().enumerate() {
+        by_node.entry(p.1.clone()).or_default().push(i);
+    }
+    // Partner of user i: the user at the same position on the next node (a different node
+    // whenever there is more than one).
+    let nodes: Vec<String> = {
+        let mut v: Vec<String> = by_node.keys().cloned().collect();
+        v.sort();
+        v
+    };
+    let mut partner = vec![0usize; users];
+    for (k, node) in nodes.iter().enumerate() {
+        let other = &by_node[&nodes[(k + 1) % nodes.len()]];
+        for (j, &i) in by_node[node].iter().enumerate() {
+            partner[i] = other[j % other.len()];
+        }
+    }
+    let cross = (0..users)
+        .filter(|&i| placed[i].1 != placed[partner[i]].1)
+        .count();
+    let mut connected = Vec::with_capacity(users);
+    for (i, (uid, addr, token)) in placed.iter().enumerate() {
+        let u = User::connect(target, addr, uid, token.as_deref(), (1 + i % 200) as u8)
+            .await
+            .with_context(|| format!("connecting {uid}"))?;
+        connected.push(u);
+    }
+    let warmup = Duration::from_secs(2);
+    let start_at = Instant::now() + Duration::from_millis(200);
+    let measure_from = start_at + warmup;
+    let end_at = measure_from + Duration::from_secs_f64(seconds);
+    let go = Arc::new(AtomicBool::new(true));
+    let budget = (rate > 0).then(|| Arc::new(AtomicU64::new(0)));
+    if let Some(b) = &budget {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                tick.tick().await;
+                b.store(rate / 100, Ordering::Relaxed);
+                if Instant::now() > end_at {
+                    break;
+                }
+            }
+        });
+    }
+    let mut tasks = Vec::new();
+    for (i, u) in connected.into_iter().enumerate() {
+        let to = uids[partner[i]].clone();
+        tasks.push(tokio::spawn(chat_user(
+            u,
+            to,
+            window,
+            start_at,
+            measure_from,
+            end_at,
+            go.clone(),
+            budget.clone(),
+        )));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_before: Vec<f64> = servers.list.iter().map(|s| cpu_seconds(s.pid())).collect();
+    let wall = Instant::now();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut delivered, mut failed) = (0, 0);
+    for t in tasks {
+        let r = t.await?;
+        delivered += r.delivered;
+        failed += r.failed;
+        hist.add(&r.hist)?;
+    }
+    let wall = wall.elapsed().as_secs_f64().max(seconds);
+    let per_server: Vec<Value> = servers
+        .list
+        .iter()
+        .zip(cpu_before)
+        .map(|(s, before)| {
+            json!({
+                "name": s.name,
+                "cpu_pct": ((cpu_seconds(s.pid()) - before) / wall * 100.0).round(),
+                "peak_rss_mib": (status_kib(s.pid(), "VmHWM:") as f64 / 1024.0 * 10.0).round() / 10.0,
+            })
+        })
+        .collect();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(json!({
+        "scenario": "chat", "target": target.name(), "users": users, "window": window,
+        "seconds": seconds, "rate_cap": rate, "cross_node_pairs": cross,
+        "msgs_per_s": (delivered as f64 / seconds).round(), "delivered": delivered, "failed": failed,
+        "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": hist.max() as f64 / 1000.0,
+        "servers": per_server,
+    }))
+}
+
+// ----- idle ----------------------------------------------------------------------------------
+
+async fn idle(target: Target, steps: Vec<usize>) -> anyhow::Result<Value> {
+    raise_fd_limit();
+    let servers = match target {
+        Target::Imgate => start_imgate(1).await?,
+        Target::Socketio => start_socketio(1).await?,
+        Target::Relay => start_relay().await?,
+    };
+    let server = &servers.list[0];
+    let keys = imgate::auth::TokenKeys::new("dev-only-change-me", 7200, 30);
+    let base_rss = status_kib(server.pid(), "VmRSS:");
+    let mut results = Vec::new();
+    let mut opened = 0usize;
+    let alive = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    for &target_n in &steps {
+        let mut pending = tokio::task::JoinSet::new();
+        while opened < target_n {
+            let i = opened;
+            opened += 1;
+            let uid = format!("idle{i}");
+            let token = (target == Target::Imgate)
+                .then(|| keys.issue(&uid, "n1", "", imgate::auth::unix_now()).0);
+            let addr = server.addr.clone();
+            let (alive, stop) = (alive.clone(), stop.clone());
+            pending.spawn(async move {
+                let src = (1 + (i / 20_000) % 250) as u8;
+                let mut user = User::connect(target, &addr, &uid, token.as_deref(), src).await?;
+                alive.fetch_add(1, Ordering::Relaxed);
+                // Stay idle but answer pings (tungstenite answers WebSocket pings on read).
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            m = user.ws.next() => match m {
+                                Some(Ok(Message::Text(t))) => {
+                                    if let Seen::Reply(r) = classify(user.target, &user.uid, &t)
+                                        && user.ws.send(r).await.is_err() { break }
+                                }
+                                Some(Ok(_)) => {}
+                                _ => break,
+                            },
+                        }
+                    }
+                });
+                anyhow::Ok(())
+            });
+            while pending.len() >= 512 {
+                if let Some(r) = pending.join_next().await {
+                    r??;
+                }
+            }
+        }
+        while let Some(r) = pending.join_next().await {
+            r??;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss = status_kib(server.pid(), "VmRSS:");
+        let per = (rss.saturating_sub(base_rss)) as f64 * 1024.0 / target_n as f64;
+        println!(
+            "  {target_n} sessions: server RSS {:.1} MiB, {:.0} bytes per session",
+            rss as f64 / 1024.0,
+            per
+        );
+        results.push(json!({"sessions": target_n, "alive": alive.load(Ordering::Relaxed),
+            "rss_mib": (rss as f64 / 1024.0 * 10.0).round() / 10.0, "bytes_per_session": per.round()}));
+    }
+    stop.cancel();
+    Ok(
+        json!({"scenario": "idle", "target": target.name(), "base_rss_mib": base_rss as f64 / 1024.0, "steps": results}),
+    )
+}
+
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+// ----- login ---------------------------------------------------------------------------------
+
+async fn login(concurrency: usize, seconds: f64) -> anyhow::Result<Value> {
+    let servers = start_imgate(1).await?;
+    let addr = servers.list[0].addr.clone();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let ok = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_seconds(servers.list[0].pid());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..concurrency {
+        let (http, addr, ok, bad) = (http.clone(), addr.clone(), ok.clone(), bad.clone());
+        tasks.push(tokio::spawn(async move {
+            let url = format!("http://{addr}/login");
+            let mut n = 0u64;
+            while Instant::now() < end {
+                n += 1;
+                let body = format!(r#"{{"uid":"user-{c}-{n}"}}"#);
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(servers.list[0].pid()) - cpu_before) / wall * 100.0;
+    let ok = ok.load(Ordering::Relaxed);
+    Ok(
+        json!({"scenario": "login", "target": "imgate", "concurrency": concurrency,
+        "logins_per_s": (ok as f64 / wall).round(), "ok": ok, "errors": bad.load(Ordering::Relaxed),
+        "server_cpu_pct": cpu.round()}),
+    )
+}
+
+// ----- failover ------------------------------------------------------------------------------
+
+async fn failover(users: usize) -> anyhow::Result<Value> {
+    let mut servers = start_imgate(3).await?;
+    let nodes: Vec<String> = servers
+        .list
+        .iter()
+        .map(|s| format!("http://{}", s.addr))
+        .collect();
+    let mut clients = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String, Instant)>();
+    for i in 0..users {
+        let mut cfg = imgate::client::ClientConfig::new(nodes.clone(), &format!("f{i}"));
+        cfg.ping_interval = Duration::from_millis(500);
+        cfg.min_backoff = Duration::from_millis(20);
+        cfg.max_backoff = Duration::from_millis(500);
+        let (client, _incoming, mut events) = imgate::client::Client::start(cfg);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if let imgate::client::Event::Connected { node, .. } = e {
+                    let _ = tx.send((i, node, Instant::now()));
+                }
+            }
+        });
+        clients.push(client);
+    }
+    let mut at: HashMap<usize, String> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while at.len() < users {
+        let (i, node, _) = tokio::time::timeout_at(deadline.into(), rx.recv())
+            .await
+            .context("clients did not all connect")?
+            .context("events closed")?;
+        at.insert(i, node);
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for n in at.values() {
+        *counts.entry(n.clone()).or_default() += 1;
+    }
+    let (victim_name, _) = counts.iter().max_by_key(|(_, c)| **c).context("no users")?;
+    let victim_name = victim_name.clone();
+    let orphans: Vec<usize> = at
+        .iter()
+        .filter(|(_, n)| **n == victim_name)
+        .map(|(i, _)| *i)
+        .collect();
+    let idx = servers
+        .list
+        .iter()
+        .position(|s| s.name == victim_name)
+        .context("victim")?;
+    let t0 = Instant::now();
+    servers.list[idx].child.kill()?;
+    let _ = servers.list[idx].child.wait();
+    let mut times: HashMap<usize, Duration> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while times.len() < orphans.len() {
+        let (i, node, when) = tokio::time::timeout_at(deadline.into(), rx.recv())
+            .await
+            .context("orphans did not all come back")?
+            .context("events closed")?;
+        if node != victim_name && orphans.contains(&i) && when > t0 {
+            times.entry(i).or_insert(when - t0);
+        }
+    }
+    let mut v: Vec<Duration> = times.into_values().collect();
+    v.sort();
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0;
+    drop(clients);
+    Ok(
+        json!({"scenario": "failover", "target": "imgate", "users": users, "orphans": v.len(),
+        "killed": victim_name, "rehome_p50_ms": q(0.5), "rehome_p99_ms": q(0.99), "rehome_max_ms": q(1.0)}),
+    )
+}
+
+// ----- main ----------------------------------------------------------------------------------
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let result = match args.scenario {
+        Scenario::Chat {
+            target,
+            users,
+            window,
+            seconds,
+            rate,
+        } => chat(target, users, window, seconds, rate).await?,
+        Scenario::Idle { target, sessions } => idle(target, sessions).await?,
+        Scenario::Login {
+            concurrency,
+            seconds,
+        } => login(concurrency, seconds).await?,
+        Scenario::Failover { users } => failover(users).await?,
+    };
+    print_table(&result);
+    let line = result.to_string();
+    println!("{line}");
+    if let Some(path) = args.json_out {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{line}")?;
+    }
+    Ok(())
+}
+
+fn print_table(v: &Value) {
+    println!(
+        "== {} / {}",
+        v["scenario"].as_str().unwrap_or(""),
+        v["target"].as_str().unwrap_or("")
+    );
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            if k == "scenario" || k == "target" {
+                continue;
+            }
+            match val {
+                Value::Array(items) => {
+                    for it in items {
+                        println!("  {k:<18} {it}");
+                    }
+                }
+                other => println!("  {k:<18} {other}"),
+            }
+        }
+    }
+}

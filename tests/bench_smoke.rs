@@ -1,0 +1,74 @@
+//! Smoke runs of every benchmark scenario at tiny size, so the benchmark never rots.
+//! (`cargo test` builds the examples; the Socket.IO peer needs Node.js and Redis and is only
+//! run by bench/run.sh.)
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench_binary() -> PathBuf {
+    // target/<profile>/imgate -> target/<profile>/examples/bench
+    let imgate = PathBuf::from(env!("CARGO_BIN_EXE_imgate"));
+    imgate.parent().unwrap().join("examples").join("bench")
+}
+
+fn run(args: &[&str]) -> Value {
+    let bin = bench_binary();
+    assert!(
+        bin.exists(),
+        "{} missing: cargo test builds the examples",
+        bin.display()
+    );
+    let out = Command::new(&bin).args(args).output().expect("bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("a JSON line");
+    serde_json::from_str(last).expect("the last line is JSON")
+}
+
+#[test]
+fn chat_imgate_and_relay() {
+    let v = run(&[
+        "chat",
+        "--target",
+        "imgate",
+        "--users",
+        "6",
+        "--window",
+        "2",
+        "--seconds",
+        "1",
+    ]);
+    assert!(v["delivered"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["cross_node_pairs"], 6, "every pair crosses nodes: {v}");
+    assert_eq!(v["servers"].as_array().unwrap().len(), 3);
+    let v = run(&[
+        "chat",
+        "--target",
+        "relay",
+        "--users",
+        "4",
+        "--window",
+        "2",
+        "--seconds",
+        "1",
+    ]);
+    assert!(v["delivered"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[test]
+fn idle_login_failover() {
+    let v = run(&["idle", "--target", "imgate", "--sessions", "50,100"]);
+    assert_eq!(v["steps"][1]["alive"], 100, "{v}");
+    let v = run(&["login", "--concurrency", "4", "--seconds", "0.5"]);
+    assert!(v["ok"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    let v = run(&["failover", "--users", "20"]);
+    assert!(v["orphans"].as_u64().unwrap() > 0, "{v}");
+}
