@@ -780,7 +780,18 @@ async fn chat(
 // ----- idle ----------------------------------------------------------------------------------
 
 async fn idle(target: Target, steps: Vec<usize>) -> anyhow::Result<Value> {
-    raise_fd_limit();
+    let fds = raise_fd_limit();
+    // Both this process and the server hold one descriptor per session.
+    let ceiling = (fds as usize).saturating_sub(1000);
+    let steps: Vec<usize> = steps
+        .into_iter()
+        .map(|n| {
+            if n > ceiling {
+                println!("  {n} sessions exceed the open-file limit ({fds}); measuring {ceiling}");
+            }
+            n.min(ceiling)
+        })
+        .collect();
     let servers = match target {
         Target::Imgate => start_imgate(1).await?,
         Target::Socketio => start_socketio(1).await?,
@@ -847,21 +858,25 @@ async fn idle(target: Target, steps: Vec<usize>) -> anyhow::Result<Value> {
     }
     stop.cancel();
     Ok(
-        json!({"scenario": "idle", "target": target.name(), "base_rss_mib": base_rss as f64 / 1024.0, "steps": results}),
+        json!({"scenario": "idle", "target": target.name(), "fd_limit": fds,
+            "base_rss_mib": base_rss as f64 / 1024.0, "steps": results}),
     )
 }
 
-fn raise_fd_limit() {
+/// Raises the soft open-file limit to the hard one (inherited by the servers); returns it.
+fn raise_fd_limit() -> u64 {
     // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a local struct.
     unsafe {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
         }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur
     }
 }
 

@@ -61,6 +61,9 @@ pub struct ClientConfig {
     pub ping_interval: Duration,
     /// Prefix of generated message ids (random per client start by default).
     pub id_prefix: String,
+    /// Time allowed for one login request and for one WebSocket connect; a node that does
+    /// not answer in time is skipped for the next one.
+    pub request_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -78,6 +81,7 @@ impl ClientConfig {
             dedup_capacity: 10_000,
             ping_interval: Duration::from_secs(10),
             id_prefix: format!("{:08x}", rand::random::<u32>()),
+            request_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -386,7 +390,7 @@ async fn login(http: &reqwest::Client, cfg: &ClientConfig, start: usize) -> Opti
         let resp = http
             .post(format!("{base}/login"))
             .json(&body)
-            .timeout(Duration::from_secs(2))
+            .timeout(cfg.request_timeout)
             .send()
             .await;
         let Ok(resp) = resp else { continue };
@@ -447,11 +451,8 @@ async fn run(
         };
         // 2. The WebSocket and its welcome (or a moved).
         let url = format!("{}?token={}", s.url, s.token);
-        let connected = tokio::time::timeout(
-            Duration::from_secs(3),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await;
+        let connected =
+            tokio::time::timeout(cfg.request_timeout, tokio_tungstenite::connect_async(url)).await;
         let mut ws = match connected {
             Ok(Ok((ws, _))) => ws,
             _ => {

@@ -241,6 +241,9 @@ pub struct WebSocketConfig {
     pub ping_interval_ms: u64,
     /// A session that sends nothing (not even a pong) for this long is closed, in milliseconds. Default 60000.
     pub idle_timeout_ms: u64,
+    /// Initial read buffer of a session, in bytes; larger frames grow it. Small keeps idle
+    /// sessions cheap. Default 1024.
+    pub read_buffer_bytes: usize,
 }
 
 /// `[http]`
@@ -336,6 +339,7 @@ impl Default for WebSocketConfig {
         WebSocketConfig {
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
+            read_buffer_bytes: 1024,
         }
     }
 }
@@ -520,6 +524,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_frame_bytes",
                 "must be at least limits.max_body_bytes",
+            ));
+        }
+        if self.websocket.read_buffer_bytes < 64 {
+            return Err(invalid(
+                "websocket.read_buffer_bytes",
+                "must be at least 64",
             ));
         }
         if self.websocket.ping_interval_ms == 0 {

@@ -423,7 +423,7 @@ async fn ws_upgrade(
     let upgrade = upgrade
         .max_message_size(limits.max_frame_bytes.saturating_mul(4))
         .max_frame_size(limits.max_frame_bytes.saturating_mul(4))
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(shared.cfg.websocket.read_buffer_bytes)
         .write_buffer_size(0);
     let uid: Arc<str> = Arc::from(claims.sub.as_str());
     match shared.owner_of(&uid) {

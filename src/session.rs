@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::engine::{CloseReason, SessionId};
@@ -90,7 +89,9 @@ async fn serve(
     {
         return "write failed";
     }
-    let (outbox, mut frames, mut close_rx) = Outbox::new(shared.cfg.limits.outbound_queue);
+    let (outbox, frames, mut close_rx) = Outbox::new(shared.cfg.limits.outbound_queue);
+    let _closed = CloseOnDrop(frames.clone());
+    let mut batch: Vec<ServerFrame> = Vec::new();
     let open = Command::Open {
         session,
         uid: uid.clone(),
@@ -125,9 +126,8 @@ async fn serve(
                 let _ = sink.send(close_frame(code, text)).await;
                 return text;
             }
-            frame = frames.recv() => {
-                let Some(frame) = frame else { return "engine stopped" };
-                if write_batch(&mut sink, frame, &mut frames).await.is_err() {
+            _ = frames.pop_batch(&mut batch, WRITE_BATCH) => {
+                if write_batch(&mut sink, &mut batch).await.is_err() {
                     return "write failed";
                 }
             }
@@ -178,21 +178,22 @@ async fn serve(
     }
 }
 
-/// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-async fn write_batch<S>(
-    sink: &mut S,
-    first: ServerFrame,
-    frames: &mut mpsc::Receiver<ServerFrame>,
-) -> Result<(), S::Error>
+/// Marks the frame queue closed when the session ends, however it ends.
+struct CloseOnDrop(std::sync::Arc<crate::node::FrameQueue>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Writes a batch of frames, then flushes once.
+async fn write_batch<S>(sink: &mut S, batch: &mut Vec<ServerFrame>) -> Result<(), S::Error>
 where
     S: futures_util::Sink<WsMessage> + Unpin,
 {
-    sink.feed(WsMessage::Text(first.to_json().into())).await?;
-    for _ in 1..WRITE_BATCH {
-        match frames.try_recv() {
-            Ok(f) => sink.feed(WsMessage::Text(f.to_json().into())).await?,
-            Err(_) => break,
-        }
+    for f in batch.drain(..) {
+        sink.feed(WsMessage::Text(f.to_json().into())).await?;
     }
     sink.flush().await
 }

@@ -50,6 +50,7 @@ pub fn client_config(nodes: &[String], uid: &str) -> ClientConfig {
     cfg.ping_interval = Duration::from_millis(300);
     cfg.min_backoff = Duration::from_millis(20);
     cfg.max_backoff = Duration::from_millis(400);
+    cfg.request_timeout = Duration::from_millis(500);
     cfg
 }
 
