@@ -815,7 +815,9 @@ async fn idle(target: Target, steps: Vec<usize>) -> anyhow::Result<Value> {
             let addr = server.addr.clone();
             let (alive, stop) = (alive.clone(), stop.clone());
             pending.spawn(async move {
-                let src = (1 + (i / 20_000) % 250) as u8;
+                // 2000 sockets per source address keeps clear of the ephemeral-port range even
+                // with earlier runs' connections still in TIME_WAIT.
+                let src = (1 + (i / 2_000) % 250) as u8;
                 let mut user = User::connect(target, &addr, &uid, token.as_deref(), src).await?;
                 alive.fetch_add(1, Ordering::Relaxed);
                 // Stay idle but answer pings (tungstenite answers WebSocket pings on read).
