@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex as AsyncMutex;
 
-use chaos_support::{World, clients_on, percentiles, rehomed, spawn_client};
+use chaos_support::{World, clients_on, percentiles, rehomed, spawn_clients};
 use clap::Parser;
 use imgate::client::SendOutcome;
 use proc_support::ProcCluster;
@@ -128,20 +128,7 @@ async fn main() -> anyhow::Result<()> {
     let world = Arc::new(Mutex::new(World::default()));
     let sending = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let stop = CancellationToken::new();
-    let tasks: Vec<_> = uids
-        .iter()
-        .map(|u| {
-            let peers = uids.iter().filter(|p| *p != u).cloned().collect();
-            spawn_client(
-                u.clone(),
-                peers,
-                nodes.clone(),
-                world.clone(),
-                sending.clone(),
-                stop.clone(),
-            )
-        })
-        .collect();
+    let tasks = spawn_clients(&uids, &nodes, &world, &sending, &stop);
 
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.minutes * 60.0);

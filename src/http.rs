@@ -52,6 +52,15 @@ impl ApiError {
     fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
+
+    /// 503: the node is shutting down.
+    fn stopping() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node stopping",
+        )
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -322,13 +331,11 @@ async fn do_login(
             .ok_or_else(|| ApiError::bad_request("password is required"))?;
         let entry = shared.cfg.auth.users.iter().find(|u| u.uid == uid);
         let hash = entry.map_or_else(|| decoy_hash().to_string(), |u| u.password_hash.clone());
-        let _permit = shared.password_checks.acquire().await.map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "node stopping",
-            )
-        })?;
+        let _permit = shared
+            .password_checks
+            .acquire()
+            .await
+            .map_err(|_| ApiError::stopping())?;
         let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await
             .unwrap_or(false);
@@ -412,12 +419,7 @@ async fn ws_upgrade(
         Err(rejection) => return rejection.into_response(),
     };
     if shared.shutdown.is_cancelled() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "node stopping",
-        )
-        .into_response();
+        return ApiError::stopping().into_response();
     }
     let limits = &shared.cfg.limits;
     let upgrade = upgrade
@@ -575,13 +577,7 @@ async fn api_push(
         .engine
         .send(Command::Push { msg, reply })
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "node stopping",
-            )
-        })?;
+        .map_err(|_| ApiError::stopping())?;
     Ok(match tokio::time::timeout(wait, outcome).await {
         Ok(Ok(Outcome::Delivered)) => {
             Json(json!({"status": "delivered", "id": id})).into_response()
@@ -590,11 +586,7 @@ async fn api_push(
             Json(json!({"status": "failed", "reason": reason.as_str(), "id": id})).into_response()
         }
         Ok(Err(_)) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "node stopping",
-            ));
+            return Err(ApiError::stopping());
         }
         Err(_) => (
             StatusCode::ACCEPTED,
@@ -623,13 +615,7 @@ async fn api_presence(
             reply,
         })
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "node stopping",
-            )
-        })?;
+        .map_err(|_| ApiError::stopping())?;
     // The driver drops the answer when the owner cannot be asked; a peer that does not
     // answer is given up on after 3 s.
     let sessions = match tokio::time::timeout(Duration::from_secs(3), answer).await {

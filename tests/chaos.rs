@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chaos_support::{
-    World, clients_on, percentiles, rehomed, spawn_client, wait_delivered, wait_until,
+    World, clients_on, percentiles, rehomed, spawn_clients, wait_delivered, wait_until,
 };
 use imgate::client::SendOutcome;
 use proc_support::ProcCluster;
@@ -43,20 +43,7 @@ async fn chaos_kill_term_pause_restart() {
     let world = Arc::new(Mutex::new(World::default()));
     let sending = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let stop = CancellationToken::new();
-    let tasks: Vec<_> = uids
-        .iter()
-        .map(|u| {
-            let peers = uids.iter().filter(|p| *p != u).cloned().collect();
-            spawn_client(
-                u.clone(),
-                peers,
-                nodes.clone(),
-                world.clone(),
-                sending.clone(),
-                stop.clone(),
-            )
-        })
-        .collect();
+    let tasks = spawn_clients(&uids, &nodes, &world, &sending, &stop);
     wait_until(Duration::from_secs(30), || {
         world.lock().unwrap().at.len() == CLIENTS
     })

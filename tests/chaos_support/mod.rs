@@ -115,6 +115,29 @@ fn add_stats(w: &mut World, s: &ClientStats) {
     w.sessions += get(&s.sessions);
 }
 
+/// One client per uid, each sending to all the others in turn.
+pub fn spawn_clients(
+    uids: &[String],
+    nodes: &[String],
+    world: &Arc<Mutex<World>>,
+    sending: &Arc<std::sync::atomic::AtomicBool>,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    uids.iter()
+        .map(|u| {
+            let peers = uids.iter().filter(|p| *p != u).cloned().collect();
+            spawn_client(
+                u.clone(),
+                peers,
+                nodes.to_vec(),
+                world.clone(),
+                sending.clone(),
+                stop.clone(),
+            )
+        })
+        .collect()
+}
+
 pub fn percentiles(mut v: Vec<Duration>) -> String {
     v.sort();
     if v.is_empty() {
