@@ -283,20 +283,6 @@ impl Membership {
         }
     }
 
-    /// The failure-detection timeout chitchat currently predicts for each other member.
-    pub async fn detection_timeouts(&self) -> Vec<(String, Duration)> {
-        let Some(h) = &self.handle else {
-            return Vec::new();
-        };
-        let chitchat = h.chitchat();
-        let c = chitchat.lock().await;
-        let ids: Vec<ChitchatId> = c.live_nodes().cloned().collect();
-        ids.iter()
-            .filter(|id| *id != c.self_chitchat_id())
-            .filter_map(|id| Some((id.node_id.to_string(), c.failure_detection_timeout(id)?)))
-            .collect()
-    }
-
     /// Stops gossiping (peers then detect this node as dead).
     pub async fn shutdown(mut self) {
         self.stop.cancel();

@@ -100,16 +100,6 @@ impl Ring {
         }
         out
     }
-
-    /// A fingerprint of the placement of `samples` uids, to compare rings across processes.
-    pub fn fingerprint(&self, samples: u32) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for i in 0..samples {
-            let uid = format!("user-{i}");
-            h.write(self.primary(&uid).map_or(&b""[..], |n| n.as_bytes()));
-        }
-        h.finish()
-    }
 }
 
 /// Shorthand for tests and callers building rings from string literals.
