@@ -226,6 +226,8 @@ struct Session {
     pending: BTreeMap<u64, Pending>,
     /// Sends of this session waiting for an outcome: id -> how many.
     inflight: HashMap<Arc<str>, u32>,
+    /// Sum of `inflight`'s counts, kept so the bound check is O(1) per send.
+    inflight_total: usize,
     tokens: f64,
     refilled: Instant,
 }
@@ -318,6 +320,7 @@ impl Engine {
                 next_seq: 1,
                 pending: BTreeMap::new(),
                 inflight: HashMap::new(),
+                inflight_total: 0,
                 tokens: f64::from(self.cfg.sends_per_second),
                 refilled: now,
             },
@@ -469,8 +472,7 @@ impl Engine {
             Some(FailReason::RateLimited)
         } else {
             s.tokens -= 1.0;
-            let total: u32 = s.inflight.values().sum();
-            (total as usize >= max_inflight).then_some(FailReason::RateLimited)
+            (s.inflight_total >= max_inflight).then_some(FailReason::RateLimited)
         };
         let id: Arc<str> = Arc::from(id);
         let to: Arc<str> = Arc::from(to);
@@ -483,6 +485,7 @@ impl Engine {
             return;
         }
         *s.inflight.entry(id.clone()).or_insert(0) += 1;
+        s.inflight_total += 1;
         let msg = Message {
             from: s.uid.clone(),
             id,
@@ -525,6 +528,7 @@ impl Engine {
         let Some((key, count)) = s.inflight.get_key_value(id).map(|(k, c)| (k.clone(), *c)) else {
             return;
         };
+        s.inflight_total -= 1;
         if count <= 1 {
             s.inflight.remove(id);
         } else {

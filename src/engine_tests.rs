@@ -414,9 +414,14 @@ fn inflight_bound_refuses_with_failed() {
     cfg.max_inflight_per_session = 2;
     let mut h = Harness::with(cfg);
     h.open(1, "alice");
+    h.open(2, "bob");
     h.send(1, "a", "bob");
     h.send(1, "b", "bob");
     assert_eq!(h.send(1, "c", "bob"), ["s1 failed c rate_limited"]);
+    // An outcome frees a place.
+    assert_eq!(h.ack(2, 1), ["s1 delivered a bob"]);
+    assert_eq!(h.send(1, "d", "bob"), ["s2 msg 3 alice d"]);
+    assert_eq!(h.send(1, "e", "bob"), ["s1 failed e rate_limited"]);
 }
 
 #[test]
