@@ -128,7 +128,7 @@ impl Server {
 struct Servers {
     list: Vec<Server>,
     redis: Option<Child>,
-    _dir: Option<tempdir::Dir>,
+    _cluster: Option<proc_support::ProcCluster>,
 }
 
 impl Drop for Servers {
@@ -144,30 +144,6 @@ impl Drop for Servers {
     }
 }
 
-mod tempdir {
-    /// A directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn free_port_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn free_port_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn exe_dir() -> PathBuf {
     // target/<profile>/examples/bench -> target/<profile>/examples
     std::env::current_exe()
@@ -179,66 +155,34 @@ fn exe_dir() -> PathBuf {
 
 /// Starts `n` imgate nodes with long keepalive timeouts (idle sessions must stay).
 async fn start_imgate(n: usize) -> anyhow::Result<Servers> {
-    let dir = std::env::temp_dir().join(format!("imgate-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let ports: Vec<(u16, u16, u16)> = (0..n)
-        .map(|_| (free_port_tcp(), free_port_udp(), free_port_udp()))
-        .collect();
-    let mut toml = format!(
-        "[cluster]\nid = \"bench\"\nseeds = [\"127.0.0.1:{}\"]\n\
-         [websocket]\nping_interval_ms = 300000\nidle_timeout_ms = 900000\n\
+    let mut cluster = proc_support::ProcCluster::start(
+        n,
+        "[websocket]\nping_interval_ms = 300000\nidle_timeout_ms = 900000\n\
          [limits]\nmax_sessions = 1000000\nsends_per_second = 100000\n",
-        ports[0].1
     );
-    for (i, (h, g, q)) in ports.iter().enumerate() {
-        toml.push_str(&format!(
-            "[[nodes]]\nid = \"n{}\"\nhttp = \"127.0.0.1:{h}\"\ngossip = \"127.0.0.1:{g}\"\nquic = \"127.0.0.1:{q}\"\n",
-            i + 1
-        ));
-    }
-    let cfg = dir.join("cluster.toml");
-    std::fs::write(&cfg, toml)?;
-    let bin = proc_support::imgate_binary();
-    let mut list = Vec::new();
-    for (i, (h, _, _)) in ports.iter().enumerate() {
-        let child = Command::new(&bin)
-            .args(["node", "--config"])
-            .arg(&cfg)
-            .args(["--id", &format!("n{}", i + 1)])
-            .env("IMGATE_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        list.push(Server {
-            name: format!("n{}", i + 1),
-            child,
-            addr: format!("127.0.0.1:{h}"),
-        });
-    }
-    let servers = Servers {
+    cluster
+        .wait_members(n as u64, Duration::from_secs(20))
+        .await;
+    // The bench measures and kills the processes itself; the cluster keeps the config
+    // directory (and the node logs) until the servers are dropped.
+    let list = cluster
+        .procs
+        .iter_mut()
+        .map(|p| Server {
+            name: p.id.clone(),
+            child: p.child.take().expect("started"),
+            addr: p.http.trim_start_matches("http://").to_string(),
+        })
+        .collect();
+    Ok(Servers {
         list,
         redis: None,
-        _dir: Some(tempdir::Dir(dir)),
-    };
-    let http = reqwest::Client::new();
-    for s in &servers.list {
-        wait_for(Duration::from_secs(20), || async {
-            let r = http.get(format!("http://{}/health", s.addr)).send().await;
-            match r {
-                Ok(r) => r.json::<Value>().await.is_ok_and(|v| v["members"] == n),
-                Err(_) => false,
-            }
-        })
-        .await
-        .with_context(|| format!("{} did not converge", s.name))?;
-    }
-    Ok(servers)
+        _cluster: Some(cluster),
+    })
 }
 
 async fn start_relay() -> anyhow::Result<Servers> {
-    let port = free_port_tcp();
+    let port = proc_support::free_tcp();
     let child = Command::new(exe_dir().join("relay"))
         .arg(format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())
@@ -256,7 +200,7 @@ async fn start_relay() -> anyhow::Result<Servers> {
             addr,
         }],
         redis: None,
-        _dir: None,
+        _cluster: None,
     })
 }
 
@@ -265,7 +209,7 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
     if !dir.join("node_modules").exists() {
         bail!("bench/socketio/node_modules missing: run bench/setup.sh");
     }
-    let redis_port = free_port_tcp();
+    let redis_port = proc_support::free_tcp();
     let redis = Command::new("redis-server")
         .args([
             "--port",
@@ -285,7 +229,7 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
     .await?;
     let mut list = Vec::new();
     for i in 0..n {
-        let port = free_port_tcp();
+        let port = proc_support::free_tcp();
         let child = Command::new("node")
             .arg(dir.join("server.js"))
             .arg(port.to_string())
@@ -308,7 +252,7 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
     Ok(Servers {
         list,
         redis: Some(redis),
-        _dir: None,
+        _cluster: None,
     })
 }
 

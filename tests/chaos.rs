@@ -176,26 +176,22 @@ async fn chaos_kill_term_pause_restart() {
 
     // Every node is up, healthy, and agrees on membership and the ring.
     let http = reqwest::Client::new();
+    let get = |url: String| {
+        let http = http.clone();
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
     let mut rings = Vec::new();
     for p in &c.procs {
-        let v: Value = http
-            .get(format!("{}/cluster", p.http))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        rings.push(v["ring_nodes"].clone());
-        let h: Value = http
-            .get(format!("{}/health", p.http))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(h["status"], "ok");
+        rings.push(get(format!("{}/cluster", p.http)).await["ring_nodes"].clone());
+        assert_eq!(get(format!("{}/health", p.http)).await["status"], "ok");
     }
     assert!(rings.windows(2).all(|w| w[0] == w[1]), "{rings:?}");
     assert_eq!(rings[0].as_array().unwrap().len(), NODES);

@@ -20,7 +20,8 @@ pub struct ProcCluster {
     pub procs: Vec<Proc>,
 }
 
-fn free_tcp() -> u16 {
+/// A free TCP port on loopback (bound on port 0, then released).
+pub fn free_tcp() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -28,7 +29,8 @@ fn free_tcp() -> u16 {
         .port()
 }
 
-fn free_udp() -> u16 {
+/// A free UDP port on loopback (bound on port 0, then released).
+pub fn free_udp() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
