@@ -65,7 +65,10 @@ struct Peer {
     tx: mpsc::Sender<PeerFrame>,
     addr: watch::Sender<Option<SocketAddr>>,
     incoming: mpsc::Sender<(Connection, FrameReader)>,
-    /// The link is down and not yet re-established: routing skips this peer.
+    /// No link is up (not yet, or not any more): routing skips this peer and nothing is
+    /// queued for it. A peer counts as reachable only once a mutually authenticated link is
+    /// up, so a member that cannot complete the handshake never owns anyone, not even for the
+    /// moment between joining the view and failing its first dial.
     failed: AtomicBool,
     /// A connection is up now.
     up: AtomicBool,
@@ -195,7 +198,7 @@ impl Links {
             tx,
             addr: addr_tx,
             incoming,
-            failed: AtomicBool::new(false),
+            failed: AtomicBool::new(true),
             up: AtomicBool::new(false),
             stop: self.stop.child_token(),
         });
@@ -218,7 +221,7 @@ impl Links {
         }
     }
 
-    /// Whether `node` can be used as an owner from here (linked, or being linked).
+    /// Whether `node` can be used as an owner from here: its link is up.
     pub fn reachable(&self, node: &str) -> bool {
         self.peers
             .read()
