@@ -246,6 +246,25 @@ fn duplicate_after_delivered_is_answered_from_the_window() {
 }
 
 #[test]
+fn an_id_reused_for_another_recipient_is_a_new_message() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.open(3, "carol");
+    // In flight to bob: the same id to carol is not a duplicate of it.
+    assert_eq!(h.send(1, "m1", "bob"), ["s2 msg 1 alice m1"]);
+    assert_eq!(h.send(1, "m1", "carol"), ["s3 msg 1 alice m1"]);
+    assert_eq!(h.ack(3, 1), ["s1 delivered m1 carol"]);
+    assert_eq!(h.ack(2, 1), ["s1 delivered m1 bob"]);
+    // Delivered to bob and carol: the same id to dave is not answered from the window.
+    h.open(4, "dave");
+    assert_eq!(h.send(1, "m1", "dave"), ["s4 msg 1 alice m1"]);
+    assert_eq!(h.ack(4, 1), ["s1 delivered m1 dave"]);
+    // While a repeat to bob still is.
+    assert_eq!(h.send(1, "m1", "bob"), ["s1 delivered m1 bob"]);
+}
+
+#[test]
 fn after_failed_the_same_id_is_a_new_attempt() {
     let mut h = Harness::new();
     h.open(1, "alice");

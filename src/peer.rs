@@ -517,3 +517,114 @@ async fn link_down(links: &Links, peer: &Peer, rx: &mut mpsc::Receiver<PeerFrame
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::Member;
+    use crate::ring::Ring;
+    use std::collections::BTreeMap;
+
+    fn member(id: &str, quic: SocketAddr) -> (NodeId, Member) {
+        let id: NodeId = Arc::from(id);
+        let m = Member {
+            id: id.clone(),
+            url: Arc::from(format!("ws://{id}/ws")),
+            http: format!("{id}:80"),
+            quic,
+            gossip: quic,
+            generation: 1,
+        };
+        (id, m)
+    }
+
+    fn view(members: Vec<(NodeId, Member)>) -> View {
+        let ring = Ring::new(members.iter().map(|(id, _)| id.clone()), 16, 1);
+        View {
+            members: members.into_iter().collect::<BTreeMap<_, _>>(),
+            ring,
+        }
+    }
+
+    fn links(id: &str, engine: mpsc::Sender<Command>) -> Arc<Links> {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Links::start(
+            Arc::from(id),
+            "test".into(),
+            any,
+            "secret",
+            QuicConfig::default(),
+            engine,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    /// A member that joins the view but never completes the handshake (here: a UDP port that
+    /// answers nothing, so the dial hangs until its timeout) is never reachable, not even in
+    /// the moment between joining and failing its first dial.
+    #[tokio::test]
+    async fn a_new_peer_is_unreachable_until_its_link_is_up() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let n1 = links("n1", tx);
+        let v = view(vec![
+            member("n1", n1.local_addr()),
+            member("n2", silent.local_addr().unwrap()),
+        ]);
+        n1.update(&v);
+        assert!(!n1.reachable("n2"), "reachable before any link is up");
+        assert!(!n1.send(
+            "n2",
+            PeerFrame::PresenceQuery {
+                req: 1,
+                uid: "u".into()
+            }
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !n1.reachable("n2"),
+            "reachable while the dial is still pending"
+        );
+        assert!(!n1.is_up("n2"));
+        n1.shutdown().await;
+    }
+
+    /// With a real peer the link comes up, and the peer is reachable by the time the driver
+    /// hears `PeerUp`.
+    #[tokio::test]
+    async fn a_peer_is_reachable_once_its_link_is_up() {
+        let (tx1, mut rx1) = mpsc::channel(16);
+        let (tx2, _rx2) = mpsc::channel(16);
+        let n1 = links("n1", tx1);
+        let n2 = links("n2", tx2);
+        let v = view(vec![
+            member("n1", n1.local_addr()),
+            member("n2", n2.local_addr()),
+        ]);
+        n1.update(&v);
+        n2.update(&v);
+        let up = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match rx1.recv().await {
+                    Some(Command::PeerUp { node }) => return node,
+                    Some(_) => {}
+                    None => panic!("links stopped"),
+                }
+            }
+        })
+        .await
+        .expect("the link comes up");
+        assert_eq!(&*up, "n2");
+        assert!(n1.reachable("n2") && n1.is_up("n2"));
+        assert!(n1.send(
+            "n2",
+            PeerFrame::PresenceQuery {
+                req: 1,
+                uid: "u".into()
+            }
+        ));
+        n1.shutdown().await;
+        n2.shutdown().await;
+    }
+}

@@ -5,6 +5,9 @@ mod cluster_support;
 use std::time::Duration;
 
 use cluster_support::{Client, Cluster};
+use imgate::engine::Message;
+use imgate::node::{Command, Outbox, SessionEnd};
+use imgate::wire::{PeerFrame, WireMessage};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,7 +223,10 @@ async fn leave_moves_users_to_survivors() {
     let n3 = c.nodes.pop().unwrap();
     n3.shutdown().await;
     c.wait_converged(2).await;
-    let _ = client.close_code().await;
+    // The leaver told its session where the user lives now before closing it.
+    let moved = client.expect("moved").await;
+    assert_ne!(moved["node"], "n3");
+    assert_eq!(client.close_code().await, Some(4001));
     let mut again = Client::login(&c.nodes[0].http_url(), &uid).await;
     assert_ne!(again.node, "n3");
     again.send("self", &uid, json!(0)).await;
@@ -316,5 +322,174 @@ async fn graceful_shutdown_moves_sessions_and_hands_over_held_messages() {
     let m = sender.expect("msg").await;
     sender.ack(m["seq"].as_u64().unwrap()).await;
     assert_eq!(user.expect("delivered").await["id"], "after");
+    c.shutdown().await;
+}
+
+/// The first uid with `prefix` that node 0 sees owned by `node`.
+fn owned_by(c: &Cluster, node: &str, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| c.nodes[0].shared().owner_of(u).unwrap().node.as_ref() == node)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_hands_held_messages_to_the_new_owner() {
+    let mut c = Cluster::start_with(2, |cfg| cfg.delivery.hold_ms = 8000).await;
+    c.wait_converged(2).await;
+    let future = imgate::ring::Ring::new(imgate::ring::node_ids(&["n1", "n2", "n3"]), 160, 0);
+    let moving = (0..)
+        .map(|i| format!("mover-{i}"))
+        .find(|u| &**future.primary(u).unwrap() == "n3")
+        .unwrap();
+    let old_owner = c.nodes[0].shared().owner_of(&moving).unwrap().node;
+    let old = c
+        .nodes
+        .iter()
+        .position(|n| n.node_id() == &*old_owner)
+        .unwrap();
+    let sender_uid = (0..)
+        .map(|i| format!("sender-{i}"))
+        .find(|u| &**future.primary(u).unwrap() != "n3")
+        .unwrap();
+    let mut sender = Client::login(&c.nodes[0].http_url(), &sender_uid).await;
+    // Held at the old owner: the recipient is offline.
+    sender.send("held-1", &moving, json!("x")).await;
+    cluster_support::wait_until(Duration::from_secs(5), || {
+        c.nodes[old].shared().metrics.held.get() == 1
+    })
+    .await;
+    c.add_node().await;
+    c.wait_converged(3).await;
+    // The old owner hands it to n3, which holds it until the user comes.
+    cluster_support::wait_until(Duration::from_secs(5), || {
+        c.nodes[2].shared().metrics.held.get() == 1 && c.nodes[old].shared().metrics.held.get() == 0
+    })
+    .await;
+    let mut mover = Client::login(&c.nodes[0].http_url(), &moving).await;
+    assert_eq!(mover.node, "n3");
+    let m = mover.expect("msg").await;
+    assert_eq!(m["id"], "held-1");
+    mover.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(sender.expect("delivered").await["id"], "held-1");
+    c.shutdown().await;
+}
+
+/// A session can reach the driver after the view changed under it (the upgrade saw the old
+/// view): the driver checks ownership again and sends it away instead of serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn driver_rechecks_ownership_when_a_session_opens() {
+    let c = Cluster::start(2).await;
+    c.wait_converged(2).await;
+    let uid = owned_by(&c, "n2", "u");
+    let n1 = c.nodes[0].shared();
+    let (outbox, frames, end) = Outbox::new(16);
+    n1.engine
+        .send(Command::Open {
+            session: n1.next_session_id(),
+            uid: uid.as_str().into(),
+            outbox,
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(cluster_support::WAIT, end)
+        .await
+        .expect("the driver ends the session")
+        .unwrap();
+    match end {
+        SessionEnd::Moved(owner) => {
+            assert_eq!(&*owner.node, "n2");
+            assert_eq!(&*owner.url, c.nodes[1].ws_url());
+        }
+        other => panic!("expected moved, got {other:?}"),
+    }
+    let mut out = Vec::new();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), frames.pop_batch(&mut out, 8))
+            .await
+            .is_err(),
+        "no frame for a session that is not served: {out:?}"
+    );
+    let status = c.nodes[0].status().await.unwrap();
+    assert_eq!(status.sessions, 0, "not registered at n1: {status:?}");
+    c.shutdown().await;
+}
+
+/// A link that goes down while gossip still lists the peer fails the forwards in flight over
+/// it at once (not after the sweep's age bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_goes_down_fails_its_forwards() {
+    let c = Cluster::start_with(2, |cfg| {
+        // Long enough that no retry, timeout or sweep can end the send during the test.
+        cfg.delivery.ack_timeout_ms = 60_000;
+    })
+    .await;
+    c.wait_converged(2).await;
+    let a = owned_by(&c, "n1", "a");
+    let b = owned_by(&c, "n2", "b");
+    let mut alice = Client::login(&c.nodes[0].http_url(), &a).await;
+    let mut bob = Client::login(&c.nodes[1].http_url(), &b).await;
+    alice.send("m1", &b, json!(1)).await;
+    assert_eq!(bob.expect("msg").await["id"], "m1"); // and never acked
+    // n2 closes its QUIC links; its gossip goes on.
+    c.nodes[1].shared().links.shutdown().await;
+    let f = alice.expect("failed").await;
+    assert_eq!(
+        (f["id"].as_str(), f["reason"].as_str()),
+        (Some("m1"), Some("unreachable")),
+        "{f}"
+    );
+    assert!(
+        c.nodes[0]
+            .shared()
+            .current_view()
+            .members
+            .contains_key("n2"),
+        "failed by the link, not by a view change"
+    );
+    c.shutdown().await;
+}
+
+fn wire(from: &str, id: &str, to: &str) -> WireMessage {
+    let body = serde_json::value::RawValue::from_string("\"x\"".into()).unwrap();
+    WireMessage::from_message(&Message {
+        from: from.into(),
+        id: id.into(),
+        to: to.into(),
+        body: body.into(),
+        ts: 1,
+    })
+}
+
+/// A `Deliver` reaching a node that does not own the recipient (the sender's view was behind)
+/// is passed on to the owner, a bounded number of times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliver_that_reaches_a_non_owner_is_passed_on() {
+    let c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let b = owned_by(&c, "n2", "b");
+    let mut bob = Client::login(&c.nodes[1].http_url(), &b).await;
+    let n3 = c.nodes[2].shared();
+    let deliver = |id: &str, hops: u8| Command::Peer {
+        from: "n1".into(),
+        frame: PeerFrame::Deliver {
+            tag: 7,
+            hops,
+            msg: wire("alice", id, &b),
+        },
+    };
+    n3.engine.send(deliver("stale-1", 0)).await.unwrap();
+    let m = bob.expect("msg").await;
+    assert_eq!(
+        (m["id"].as_str(), m["from"].as_str()),
+        (Some("stale-1"), Some("alice"))
+    );
+    bob.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(c.metric(2, "imgate_messages_forwarded_total").await, 1);
+    // At the bound it is not passed on again: the node holds it for the user itself.
+    n3.engine.send(deliver("stale-2", 2)).await.unwrap();
+    cluster_support::wait_until(Duration::from_secs(5), || n3.metrics.held.get() == 1).await;
+    bob.expect_nothing(Duration::from_millis(200)).await;
+    assert_eq!(c.metric(2, "imgate_messages_forwarded_total").await, 1);
     c.shutdown().await;
 }

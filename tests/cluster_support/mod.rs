@@ -263,10 +263,17 @@ impl Client {
         f
     }
 
-    /// Asserts that no text frame arrives for `d`.
+    /// Asserts that no text frame arrives for `d` and the session stays open.
     pub async fn expect_nothing(&mut self, d: Duration) {
-        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(d, self.ws.next()).await {
-            panic!("{}: unexpected frame {t}", self.uid);
+        let deadline = tokio::time::Instant::now() + d;
+        while let Ok(m) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            match m {
+                Some(Ok(Message::Text(t))) => panic!("{}: unexpected frame {t}", self.uid),
+                Some(Ok(Message::Close(f))) => panic!("{}: closed: {f:?}", self.uid),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("{}: socket error: {e}", self.uid),
+                None => panic!("{}: socket ended", self.uid),
+            }
         }
     }
 
