@@ -160,9 +160,7 @@ async fn start_imgate(n: usize) -> anyhow::Result<Servers> {
         "[websocket]\nping_interval_ms = 300000\nidle_timeout_ms = 900000\n\
          [limits]\nmax_sessions = 1000000\nsends_per_second = 100000\n",
     );
-    cluster
-        .wait_members(n as u64, Duration::from_secs(20))
-        .await;
+    cluster.wait_ready(n as u64, Duration::from_secs(20)).await;
     // The bench measures and kills the processes itself; the cluster keeps the config
     // directory (and the node logs) until the servers are dropped.
     let list = cluster
@@ -327,8 +325,13 @@ async fn ws_connect(url: &str, src: u8) -> anyhow::Result<Ws> {
 struct User {
     target: Target,
     uid: String,
+    /// The server address the session is on (after following `moved`).
+    addr: String,
     ws: Ws,
 }
+
+/// Most `moved` answers an imgate user follows while connecting (as the SDK does).
+const MAX_MOVES: usize = 3;
 
 const BODY: &str = "hello from the imgate bench";
 
@@ -346,12 +349,26 @@ impl User {
             Target::Socketio => format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"),
         };
         let mut ws = ws_connect(&url, src).await?;
+        let mut addr = addr.to_string();
         // Wait for the session to be live.
         match target {
             Target::Imgate => {
-                let first = next_text(&mut ws).await?;
-                if !first.contains("\"welcome\"") {
-                    bail!("expected welcome, got {first}");
+                let token = token.context("token")?;
+                let mut moves = 0;
+                loop {
+                    let first = next_text(&mut ws).await?;
+                    let f: Value = serde_json::from_str(&first)?;
+                    match f["type"].as_str() {
+                        Some("welcome") => break,
+                        // The owner changed between login and connect: go where it says.
+                        Some("moved") if moves < MAX_MOVES => {
+                            moves += 1;
+                            let url = f["url"].as_str().context("moved without url")?;
+                            addr = ws_addr(url).to_string();
+                            ws = ws_connect(&format!("{url}?token={token}"), src).await?;
+                        }
+                        _ => bail!("expected welcome, got {first}"),
+                    }
                 }
             }
             Target::Socketio => {
@@ -376,6 +393,7 @@ impl User {
         Ok(User {
             target,
             uid: uid.to_string(),
+            addr,
             ws,
         })
     }
@@ -501,12 +519,13 @@ async fn login_token(
         .json()
         .await?;
     let token = v["token"].as_str().context("token")?.to_string();
-    let url = v["url"].as_str().context("url")?.to_string();
-    let owner = url
-        .trim_start_matches("ws://")
-        .trim_end_matches("/ws")
-        .to_string();
-    Ok((token, owner))
+    let url = v["url"].as_str().context("url")?;
+    Ok((token, ws_addr(url).to_string()))
+}
+
+/// `host:port` of an imgate WebSocket URL (`ws://host:port/ws`).
+fn ws_addr(url: &str) -> &str {
+    url.trim_start_matches("ws://").trim_end_matches("/ws")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -626,12 +645,19 @@ async fn chat(
             )),
         }
     }
+    let mut connected = Vec::with_capacity(users);
+    for (i, (uid, addr, token)) in placed.iter().enumerate() {
+        let u = User::connect(target, addr, uid, token.as_deref(), (1 + i % 200) as u8)
+            .await
+            .with_context(|| format!("connecting {uid}"))?;
+        connected.push(u);
+    }
     let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, p) in placed.iter().enumerate() {
-        by_node.entry(p.1.clone()).or_default().push(i);
+    for (i, u) in connected.iter().enumerate() {
+        by_node.entry(u.addr.clone()).or_default().push(i);
     }
     // Partner of user i: the user at the same position on the next node (a different node
-    // whenever there is more than one).
+    // whenever there is more than one), by where the sessions really are.
     let nodes: Vec<String> = {
         let mut v: Vec<String> = by_node.keys().cloned().collect();
         v.sort();
@@ -645,15 +671,8 @@ async fn chat(
         }
     }
     let cross = (0..users)
-        .filter(|&i| placed[i].1 != placed[partner[i]].1)
+        .filter(|&i| connected[i].addr != connected[partner[i]].addr)
         .count();
-    let mut connected = Vec::with_capacity(users);
-    for (i, (uid, addr, token)) in placed.iter().enumerate() {
-        let u = User::connect(target, addr, uid, token.as_deref(), (1 + i % 200) as u8)
-            .await
-            .with_context(|| format!("connecting {uid}"))?;
-        connected.push(u);
-    }
     let warmup = Duration::from_secs(2);
     let start_at = Instant::now() + Duration::from_millis(200);
     let measure_from = start_at + warmup;

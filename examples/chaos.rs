@@ -91,10 +91,7 @@ async fn main() -> anyhow::Result<()> {
         )
     };
     let converge = Duration::from_secs(30);
-    c.lock()
-        .await
-        .wait_members(args.nodes as u64, converge)
-        .await;
+    c.lock().await.wait_ready(args.nodes as u64, converge).await;
     println!("{} nodes up; starting {} clients", args.nodes, args.clients);
 
     // Peak RSS per node id, sampled every second.
@@ -173,10 +170,7 @@ async fn main() -> anyhow::Result<()> {
                 c.lock().await.signal(victim, libc::SIGCONT);
             }
         }
-        c.lock()
-            .await
-            .wait_members(args.nodes as u64, converge)
-            .await;
+        c.lock().await.wait_ready(args.nodes as u64, converge).await;
         events += 1;
     }
 

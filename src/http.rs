@@ -172,15 +172,25 @@ async fn page() -> Html<&'static str> {
 
 async fn health(State(state): State<AppState>) -> Response {
     let s = &state.shared;
-    let members = s.current_view().members.len();
+    let view = s.current_view();
+    let members = view.members.len();
+    let reachable = s.reachable_members(&view);
+    let ready = reachable == members;
     if s.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "stopping", "node": &*s.node_id, "members": members})),
+            Json(
+                json!({"status": "stopping", "node": &*s.node_id, "members": members,
+                "reachable": reachable, "ready": false}),
+            ),
         )
             .into_response();
     }
-    Json(json!({"status": "ok", "node": &*s.node_id, "members": members})).into_response()
+    Json(
+        json!({"status": "ok", "node": &*s.node_id, "members": members,
+        "reachable": reachable, "ready": ready}),
+    )
+    .into_response()
 }
 
 async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {

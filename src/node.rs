@@ -316,6 +316,16 @@ impl Shared {
         })
     }
 
+    /// How many members of `view` can own users from here: this node and every peer whose
+    /// link is up. The node is *ready* when this equals the member count: then every node of
+    /// the view answers logins with the same owners this one does.
+    pub fn reachable_members(&self, view: &View) -> usize {
+        view.members
+            .keys()
+            .filter(|m| **m == self.node_id || self.links.reachable(m))
+            .count()
+    }
+
     /// Where a message to `uid` goes.
     pub fn route(&self, uid: &str) -> Route {
         match self.owner_of(uid) {

@@ -15,6 +15,9 @@ use tokio::process::{Child, Command};
 
 use crate::config::Config;
 
+/// How long `imgate up` waits for the cluster to be ready before it warns.
+const READY_LIMIT: Duration = Duration::from_secs(30);
+
 fn prefix_lines<R: AsyncRead + Unpin + Send + 'static>(id: String, reader: R, to_stderr: bool) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(reader).lines();
@@ -33,6 +36,61 @@ fn terminate(child: &Child) {
         // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
         unsafe {
             libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+/// One look at whether the nodes at `bases` (`http://host:port`) form a ready cluster of
+/// `members`: each answers `/health` with that many members, all of them reachable over their
+/// links. `Err` says which node is not there yet and why.
+///
+/// # Errors
+/// A description of the first node that is not ready.
+pub async fn check_ready(
+    http: &reqwest::Client,
+    bases: &[String],
+    members: usize,
+) -> Result<(), String> {
+    for base in bases {
+        let health = http
+            .get(format!("{base}/health"))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .map_err(|e| format!("{base}: {e}"))?
+            .json::<serde_json::Value>()
+            .await
+            .map_err(|e| format!("{base}: {e}"))?;
+        let seen = health["members"].as_u64().unwrap_or(0);
+        let reachable = health["reachable"].as_u64().unwrap_or(0);
+        if seen != members as u64 || health["ready"] != true {
+            return Err(format!(
+                "{base} ({}) sees {seen} of {members} members, {reachable} reachable",
+                health["node"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Polls [`check_ready`] every 20 ms until it holds; returns the time it took.
+///
+/// # Errors
+/// After `limit`, the last reason the cluster was not ready.
+pub async fn wait_ready(
+    bases: &[String],
+    members: usize,
+    limit: Duration,
+) -> Result<Duration, String> {
+    let http = reqwest::Client::new();
+    let start = tokio::time::Instant::now();
+    loop {
+        match check_ready(&http, bases, members).await {
+            Ok(()) => return Ok(start.elapsed()),
+            Err(why) if start.elapsed() >= limit => {
+                return Err(format!("not ready after {limit:?}: {why}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }
@@ -90,6 +148,26 @@ pub async fn run(
         );
         println!("[up] any node answers /login; Ctrl-C stops every node");
     }
+    // Say when the cluster is really ready: every node sees every other one and has its link
+    // up, so a login at any node names the owner the client will be welcomed by.
+    let bases: Vec<String> = cfg
+        .nodes
+        .iter()
+        .map(|n| {
+            let http = n.advertise.clone().unwrap_or_else(|| n.http.to_string());
+            format!("http://{http}")
+        })
+        .collect();
+    let members = bases.len();
+    tokio::spawn(async move {
+        match wait_ready(&bases, members, READY_LIMIT).await {
+            Ok(took) => println!(
+                "[up] cluster ready: {members} nodes, every link up (after {} ms)",
+                took.as_millis()
+            ),
+            Err(why) => println!("[up] warning: cluster {why}"),
+        }
+    });
     tokio::pin!(stop);
     let mut exited = vec![false; children.len()];
     let mut tick = tokio::time::interval(Duration::from_millis(200));

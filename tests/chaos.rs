@@ -36,7 +36,7 @@ async fn chaos_kill_term_pause_restart() {
         "[delivery]\nack_timeout_ms = 300\nmax_retries = 3\nhold_ms = 2000\n\
          [http]\nshutdown_timeout_ms = 4000\n",
     );
-    c.wait_members(NODES as u64, Duration::from_secs(30)).await;
+    c.wait_ready(NODES as u64, Duration::from_secs(30)).await;
     let nodes: Vec<String> = c.procs.iter().map(|p| p.http.clone()).collect();
     let ids: Vec<String> = c.procs.iter().map(|p| p.id.clone()).collect();
     let uids: Vec<String> = (0..CLIENTS).map(|i| format!("c{i}")).collect();
@@ -59,12 +59,12 @@ async fn chaos_kill_term_pause_restart() {
         println!("kill -9 {}: re-home {}", ids[victim], percentiles(times));
         wait_delivered(&world, 100).await;
     }
-    c.wait_members(2, Duration::from_secs(15)).await;
+    c.wait_ready(2, Duration::from_secs(15)).await;
 
     // 2. Both come back.
     c.spawn(2);
     c.spawn(3);
-    c.wait_members(4, Duration::from_secs(15)).await;
+    c.wait_ready(4, Duration::from_secs(15)).await;
     wait_delivered(&world, 200).await;
 
     // 3. SIGTERM one (graceful drain) and restart it.
@@ -78,20 +78,20 @@ async fn chaos_kill_term_pause_restart() {
     let times = rehomed(&world, &orphans, &ids[1], t0).await;
     println!("SIGTERM {}: re-home {}", ids[1], percentiles(times));
     c.spawn(1);
-    c.wait_members(4, Duration::from_secs(15)).await;
+    c.wait_ready(4, Duration::from_secs(15)).await;
     wait_delivered(&world, 200).await;
 
     // 4. SIGSTOP one for longer than failure detection, then SIGCONT.
     let orphans = clients_on(&world, &ids[0]);
     let t0 = Instant::now();
     c.signal(0, libc::SIGSTOP);
-    c.wait_members_on(&[1, 2, 3], 3, Duration::from_secs(15))
+    c.wait_ready_on(&[1, 2, 3], 3, Duration::from_secs(15))
         .await;
     let times = rehomed(&world, &orphans, &ids[0], t0).await;
     println!("SIGSTOP {}: re-home {}", ids[0], percentiles(times));
     wait_delivered(&world, 100).await;
     c.signal(0, libc::SIGCONT);
-    c.wait_members(4, Duration::from_secs(15)).await;
+    c.wait_ready(4, Duration::from_secs(15)).await;
     wait_delivered(&world, 200).await;
 
     // 5. Stop sending and let every send end.

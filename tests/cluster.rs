@@ -250,6 +250,13 @@ async fn peer_with_wrong_secret_is_refused() {
     for n in &c.nodes {
         cluster_support::wait_until(Duration::from_secs(5), || !n.shared().links.reachable("n3"))
             .await;
+        // And the node says it is not ready: a member of its view cannot own users.
+        let health = cluster_support::api_get(&n.http_url(), "/health").await;
+        assert_eq!(
+            (&health["members"], &health["reachable"], &health["ready"]),
+            (&json!(3), &json!(2), &json!(false)),
+            "{health}"
+        );
     }
     // A user whose first choice is the intruder is owned by a real node, and its messages
     // never reach the intruder.

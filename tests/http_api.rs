@@ -496,6 +496,8 @@ async fn health_reports_node_and_members() {
     assert_eq!(body["status"], "ok");
     assert_eq!(body["node"], "n1");
     assert_eq!(body["members"], 1);
+    assert_eq!(body["reachable"], 1);
+    assert_eq!(body["ready"], true, "a node alone is ready");
     node.shutdown().await;
 }
 

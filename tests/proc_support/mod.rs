@@ -7,8 +7,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 pub struct Proc {
     pub id: String,
     pub http: String,
@@ -40,35 +38,15 @@ pub fn free_udp() -> u16 {
 
 impl ProcCluster {
     pub fn start(n: usize, extra_toml: &str) -> ProcCluster {
-        let dir = std::env::temp_dir().join(format!(
-            "imgate-proc-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_tcp(), free_udp(), free_udp()))
-            .collect();
-        let mut toml = format!(
-            "[cluster]\nid = \"proc-test\"\nseeds = [\"127.0.0.1:{}\"]\n",
-            ports[0].1
-        );
-        toml.push_str(extra_toml);
-        for (i, (h, g, q)) in ports.iter().enumerate() {
-            toml.push_str(&format!(
-                "[[nodes]]\nid = \"n{}\"\nhttp = \"127.0.0.1:{h}\"\ngossip = \"127.0.0.1:{g}\"\nquic = \"127.0.0.1:{q}\"\n",
-                i + 1
-            ));
-        }
-        std::fs::write(dir.join("cluster.toml"), toml).unwrap();
+        let (dir, https) = write_config(n, extra_toml);
         let mut c = ProcCluster {
             dir,
             procs: Vec::new(),
         };
-        for (i, (h, _, _)) in ports.iter().enumerate() {
+        for (i, http) in https.into_iter().enumerate() {
             c.procs.push(Proc {
                 id: format!("n{}", i + 1),
-                http: format!("http://127.0.0.1:{h}"),
+                http,
                 child: None,
             });
             c.spawn(i);
@@ -137,43 +115,19 @@ impl ProcCluster {
             .unwrap_or_default()
     }
 
-    /// Waits until every running node reports `members` live members.
-    pub async fn wait_members(&self, members: u64, limit: Duration) -> Duration {
+    /// Waits until every running node sees `members` live members, each reachable over its
+    /// link (`/health` `ready`); returns the time it took.
+    pub async fn wait_ready(&self, members: u64, limit: Duration) -> Duration {
         let running: Vec<usize> = (0..self.procs.len()).filter(|i| self.running(*i)).collect();
-        self.wait_members_on(&running, members, limit).await
+        self.wait_ready_on(&running, members, limit).await
     }
 
-    /// Waits until the nodes `on` report `members` live members; returns the time it took.
-    pub async fn wait_members_on(&self, on: &[usize], members: u64, limit: Duration) -> Duration {
-        let start = Instant::now();
-        let http = reqwest::Client::new();
-        for p in on.iter().map(|i| &self.procs[*i]) {
-            loop {
-                let ok = match http
-                    .get(format!("{}/health", p.http))
-                    .timeout(Duration::from_millis(500))
-                    .send()
-                    .await
-                {
-                    Ok(r) => r
-                        .json::<Value>()
-                        .await
-                        .map(|v| v["members"] == members)
-                        .unwrap_or(false),
-                    Err(_) => false,
-                };
-                if ok {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < limit,
-                    "{} never saw {members} members",
-                    p.id
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        start.elapsed()
+    /// [`ProcCluster::wait_ready`] for the nodes `on` only.
+    pub async fn wait_ready_on(&self, on: &[usize], members: u64, limit: Duration) -> Duration {
+        let bases: Vec<String> = on.iter().map(|i| self.procs[*i].http.clone()).collect();
+        imgate::up::wait_ready(&bases, members as usize, limit)
+            .await
+            .unwrap_or_else(|why| panic!("cluster {why}"))
     }
 }
 
@@ -187,6 +141,37 @@ impl Drop for ProcCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Writes `cluster.toml` for nodes `n1..n{n}` on free loopback ports into a new temporary
+/// directory; returns the directory and each node's `http://host:port`.
+pub fn write_config(n: usize, extra_toml: &str) -> (PathBuf, Vec<String>) {
+    let dir = std::env::temp_dir().join(format!(
+        "imgate-proc-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports: Vec<(u16, u16, u16)> = (0..n)
+        .map(|_| (free_tcp(), free_udp(), free_udp()))
+        .collect();
+    let mut toml = format!(
+        "[cluster]\nid = \"proc-test\"\nseeds = [\"127.0.0.1:{}\"]\n",
+        ports[0].1
+    );
+    toml.push_str(extra_toml);
+    for (i, (h, g, q)) in ports.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[nodes]]\nid = \"n{}\"\nhttp = \"127.0.0.1:{h}\"\ngossip = \"127.0.0.1:{g}\"\nquic = \"127.0.0.1:{q}\"\n",
+            i + 1
+        ));
+    }
+    std::fs::write(dir.join("cluster.toml"), toml).unwrap();
+    let https = ports
+        .iter()
+        .map(|(h, _, _)| format!("http://127.0.0.1:{h}"))
+        .collect();
+    (dir, https)
 }
 
 /// The `imgate` binary: cargo names it for integration tests; an example finds it next to
