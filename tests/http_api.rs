@@ -915,7 +915,10 @@ async fn a_started_node_counts_itself_and_serves_at_once() {
             .unwrap();
         let (status, _, health) = json_response(resp).await;
         assert_eq!(status, 200);
-        assert_eq!(health, json!({"status": "ok", "node": "n1", "members": 1}));
+        assert_eq!(
+            health,
+            json!({"status": "ok", "node": "n1", "members": 1, "reachable": 1, "ready": true})
+        );
         let (status, body) = login_json(&node, &json!({"uid": "alice"})).await;
         assert_eq!(status, 200, "{body}");
         node.shutdown().await;
