@@ -5,7 +5,9 @@ mod cluster_support;
 use std::time::Duration;
 
 use cluster_support::Cluster;
-use imgate::client::{Client, ClientConfig, Event, Incoming, SendOutcome};
+use imgate::client::{
+    Client, ClientConfig, ClientError, Event, Incoming, PendingSend, SendOutcome,
+};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -26,6 +28,13 @@ async fn connected(events: &mut mpsc::Receiver<Event>) -> String {
     }
 }
 
+/// The outcome of a send, within 10 s.
+async fn outcome(pending: PendingSend) -> Result<SendOutcome, ClientError> {
+    tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("an outcome in time")
+}
+
 async fn next_incoming(rx: &mut mpsc::Receiver<Incoming>) -> Incoming {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
@@ -41,8 +50,8 @@ async fn send_receive_and_outcome() {
     let (_bob, mut bin, mut bev) = Client::start(config(&c, "bob"));
     connected(&mut aev).await;
     connected(&mut bev).await;
-    let outcome = alice.send("bob", json!({"text": "hi"})).unwrap().await;
-    assert_eq!(outcome, Ok(SendOutcome::Delivered));
+    let got = outcome(alice.send("bob", json!({"text": "hi"})).unwrap()).await;
+    assert_eq!(got, Ok(SendOutcome::Delivered));
     let m = next_incoming(&mut bin).await;
     assert_eq!(
         (m.from.as_str(), &m.body),
@@ -53,12 +62,9 @@ async fn send_receive_and_outcome() {
     cfg.max_attempts = 1;
     let (carol, _cin, mut cev) = Client::start(cfg);
     connected(&mut cev).await;
-    let outcome = carol
-        .send_with_id("c1", "nobody-online", json!(1))
-        .unwrap()
-        .await;
+    let got = outcome(carol.send_with_id("c1", "nobody-online", json!(1)).unwrap()).await;
     assert_eq!(
-        outcome,
+        got,
         Ok(SendOutcome::Failed(imgate::protocol::FailReason::Offline))
     );
     c.shutdown().await;
@@ -82,7 +88,9 @@ async fn follows_moved_resends_and_surfaces_each_message_once() {
     let pending = alice.send_with_id("m-1", &target, json!("x")).unwrap();
     // The sender's node drains: the SDK follows `moved` and resends the send (same id).
     let n3 = c.nodes.pop().unwrap();
-    n3.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(20), n3.shutdown())
+        .await
+        .expect("n3 drains within 20 s");
     let node = connected(&mut aev).await;
     assert_ne!(node, "n3");
     // The target comes online: it gets the message once, however often it was sent.
@@ -90,7 +98,7 @@ async fn follows_moved_resends_and_surfaces_each_message_once() {
     connected(&mut tev).await;
     let m = next_incoming(&mut tin).await;
     assert_eq!((m.from.as_str(), m.id.as_str()), (sender.as_str(), "m-1"));
-    assert_eq!(pending.await, Ok(SendOutcome::Delivered));
+    assert_eq!(outcome(pending).await, Ok(SendOutcome::Delivered));
     let resent = alice
         .stats()
         .resent
@@ -106,4 +114,126 @@ async fn follows_moved_resends_and_surfaces_each_message_once() {
         "no duplicate reaches the application"
     );
     c.shutdown().await;
+}
+
+/// With `max_attempts > 1` the SDK sends again (same id) what failed `offline`, and reports the
+/// last failure once the attempts are spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_failures_are_retried_up_to_max_attempts() {
+    let c = Cluster::start_with(2, |cfg| cfg.delivery.hold_ms = 200).await;
+    c.wait_converged(2).await;
+    let mut cfg = config(&c, "alice");
+    cfg.max_attempts = 3;
+    let (alice, _ain, mut aev) = Client::start(cfg);
+    connected(&mut aev).await;
+    let got = outcome(alice.send_with_id("o1", "nobody-online", json!(1)).unwrap()).await;
+    assert_eq!(
+        got,
+        Ok(SendOutcome::Failed(imgate::protocol::FailReason::Offline))
+    );
+    let resent = alice
+        .stats()
+        .resent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(resent, 2, "three attempts in all");
+    let failed = c.metric(0, "imgate_failed_total{reason=\"offline\"}").await
+        + c.metric(1, "imgate_failed_total{reason=\"offline\"}").await;
+    assert_eq!(failed, 3, "each attempt reached the recipient's owner");
+    c.shutdown().await;
+}
+
+/// A node that pushes the same `(from, id)` twice (as can happen when a message is handed
+/// over between nodes) reaches the application once: this checks the SDK's own dedup, with a
+/// fake node that does no dedup of its own. Every push is acked, duplicates included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_surfaces_a_repeated_message_once() {
+    use axum::extract::ws::{Message as AxMessage, WebSocket, WebSocketUpgrade};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (acks_tx, mut acks) = mpsc::unbounded_channel::<u64>();
+    let pushes = [
+        ("bob", "m1"),
+        ("bob", "m1"),   // the same message again
+        ("carol", "m1"), // another sender's id: a different message
+        ("bob", "m2"),
+    ];
+    let serve = move |mut ws: WebSocket| async move {
+        let welcome = json!({"type": "welcome", "uid": "alice", "node": "fake", "session": "s1"});
+        ws.send(AxMessage::Text(welcome.to_string().into()))
+            .await
+            .unwrap();
+        for (seq, (from, id)) in pushes.iter().enumerate() {
+            let m = json!({"type": "msg", "seq": seq + 1, "from": from, "id": id, "body": seq, "ts": 1});
+            ws.send(AxMessage::Text(m.to_string().into()))
+                .await
+                .unwrap();
+        }
+        while let Some(Ok(m)) = ws.recv().await {
+            if let AxMessage::Text(t) = m {
+                let f: serde_json::Value = serde_json::from_str(&t).unwrap();
+                match f["type"].as_str() {
+                    Some("ack") => acks_tx.send(f["seq"].as_u64().unwrap()).unwrap(),
+                    Some("ping") => {
+                        let pong = json!({"type": "pong"}).to_string();
+                        let _ = ws.send(AxMessage::Text(pong.into())).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/login",
+            axum::routing::post(move || async move {
+                axum::Json(json!({
+                    "token": "t", "url": format!("ws://{addr}/ws"), "node": "fake",
+                    "expires_at": imgate::auth::unix_now() + 3600,
+                }))
+            }),
+        )
+        .route(
+            "/ws",
+            axum::routing::get(move |up: WebSocketUpgrade| {
+                let serve = serve.clone();
+                async move { up.on_upgrade(serve) }
+            }),
+        );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut cfg = ClientConfig::new(vec![format!("http://{addr}")], "alice");
+    cfg.ping_interval = Duration::from_millis(500);
+    let (alice, mut incoming, mut events) = Client::start(cfg);
+    assert_eq!(connected(&mut events).await, "fake");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = next_incoming(&mut incoming).await;
+        got.push((m.from, m.id));
+    }
+    let want: Vec<(String, String)> = [("bob", "m1"), ("carol", "m1"), ("bob", "m2")]
+        .iter()
+        .map(|(f, i)| (f.to_string(), i.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), incoming.recv())
+            .await
+            .is_err(),
+        "the repeat did not reach the application"
+    );
+    let mut acked = Vec::new();
+    for _ in 0..4 {
+        let seq = tokio::time::timeout(Duration::from_secs(5), acks.recv())
+            .await
+            .expect("every push acked")
+            .unwrap();
+        acked.push(seq);
+    }
+    acked.sort();
+    assert_eq!(acked, [1, 2, 3, 4]);
+    let dups = alice
+        .stats()
+        .duplicates
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dups, 1);
+    server.abort();
 }
