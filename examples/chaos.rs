@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
             }
             1 => {
                 let mut guard = c.lock().await;
-                tokio::task::block_in_place(|| guard.terminate(victim, Duration::from_secs(10)));
+                guard.terminate(victim, Duration::from_secs(10)).await;
                 "SIGTERM"
             }
             _ => {

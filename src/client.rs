@@ -64,6 +64,27 @@ pub struct ClientConfig {
     /// Time allowed for one login request and for one WebSocket connect; a node that does
     /// not answer in time is skipped for the next one.
     pub request_timeout: Duration,
+    /// Where to report every answer the node gives to an attempt of a send (`delivered` or
+    /// `failed`), before the SDK decides whether to try again: for tests and reports that
+    /// must see what the server said, not only the final outcome. `None` by default.
+    pub attempts: Option<mpsc::UnboundedSender<Attempt>>,
+}
+
+/// The node's answer to one attempt of a send (see [`ClientConfig::attempts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The message id.
+    pub id: String,
+    /// The recipient.
+    pub to: String,
+    /// Which attempt this was, from 1 (a resend after a reconnect is the same attempt).
+    pub number: u32,
+    /// What the node answered.
+    pub outcome: SendOutcome,
+    /// When this attempt's frame was last written.
+    pub written: Instant,
+    /// When the answer arrived.
+    pub answered: Instant,
 }
 
 impl ClientConfig {
@@ -82,6 +103,7 @@ impl ClientConfig {
             ping_interval: Duration::from_secs(10),
             id_prefix: format!("{:08x}", rand::random::<u32>()),
             request_timeout: Duration::from_secs(2),
+            attempts: None,
         }
     }
 }
@@ -292,7 +314,46 @@ struct Pending {
     to: String,
     body: Value,
     attempts: u32,
+    written: Instant,
     reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
+}
+
+impl Pending {
+    fn new(
+        id: String,
+        to: String,
+        body: Value,
+        reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
+    ) -> Pending {
+        Pending {
+            id,
+            to,
+            body,
+            attempts: 1,
+            written: Instant::now(),
+            reply,
+        }
+    }
+
+    /// The frame to write now (remembering when it was written).
+    fn frame(&mut self) -> WsMessage {
+        self.written = Instant::now();
+        send_frame(self)
+    }
+
+    /// Tells `cfg.attempts` how this attempt ended.
+    fn report(&self, cfg: &ClientConfig, outcome: SendOutcome) {
+        if let Some(tx) = &cfg.attempts {
+            let _ = tx.send(Attempt {
+                id: self.id.clone(),
+                to: self.to.clone(),
+                number: self.attempts,
+                outcome,
+                written: self.written,
+                answered: Instant::now(),
+            });
+        }
+    }
 }
 
 /// Sends waiting for an outcome, in the order they were made.
@@ -505,9 +566,9 @@ async fn run(
         backoff = cfg.min_backoff;
         // 3. Resend everything without an outcome, in order, with the same ids.
         let mut ok = true;
-        for p in st.pending.by_order.values() {
+        for p in st.pending.by_order.values_mut() {
             bump(&st.stats.resent);
-            if ws.feed(send_frame(p)).await.is_err() {
+            if ws.feed(p.frame()).await.is_err() {
                 ok = false;
                 break;
             }
@@ -572,8 +633,8 @@ async fn serve(
                     let _ = reply.send(Err(ClientError::TooManyPending));
                     continue;
                 }
-                let p = Pending { id, to, body, attempts: 1, reply };
-                let frame = send_frame(&p);
+                let mut p = Pending::new(id, to, body, reply);
+                let frame = p.frame();
                 pending.insert(p);
                 if ws.send(frame).await.is_err() {
                     return Ended::Reconnect("write failed".into());
@@ -622,6 +683,7 @@ async fn serve(
                     }
                     Some("delivered") => {
                         if let Some(p) = f["id"].as_str().and_then(|id| pending.take(id)) {
+                            p.report(cfg, SendOutcome::Delivered);
                             let _ = p.reply.send(Ok(SendOutcome::Delivered));
                         }
                     }
@@ -629,13 +691,14 @@ async fn serve(
                         let Some(id) = f["id"].as_str() else { continue };
                         let reason: FailReason = serde_json::from_value(f["reason"].clone()).unwrap_or(FailReason::Invalid);
                         let again = pending.peek_mut(id).is_some_and(|p| {
+                            p.report(cfg, SendOutcome::Failed(reason));
                             retryable(reason) && p.attempts < cfg.max_attempts
                         });
                         if again {
                             let p = pending.peek_mut(id).expect("checked");
                             p.attempts += 1;
                             bump(&stats.resent);
-                            let frame = send_frame(p);
+                            let frame = p.frame();
                             if ws.send(frame).await.is_err() {
                                 return Ended::Reconnect("write failed".into());
                             }
@@ -683,7 +746,7 @@ async fn wait_backoff(
                 if pending.len() >= cfg.max_pending {
                     let _ = reply.send(Err(ClientError::TooManyPending));
                 } else {
-                    pending.insert(Pending { id, to, body, attempts: 1, reply });
+                    pending.insert(Pending::new(id, to, body, reply));
                 }
             }
         }
@@ -696,16 +759,7 @@ mod tests {
 
     fn pending(id: &str) -> (Pending, oneshot::Receiver<Result<SendOutcome, ClientError>>) {
         let (reply, rx) = oneshot::channel();
-        (
-            Pending {
-                id: id.into(),
-                to: "b".into(),
-                body: Value::Null,
-                attempts: 1,
-                reply,
-            },
-            rx,
-        )
+        (Pending::new(id.into(), "b".into(), Value::Null, reply), rx)
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! nodes are killed with SIGKILL, stopped with SIGTERM, paused with SIGSTOP and brought back.
 //!
 //! Invariants checked at the end:
+//! - what the nodes answered to each attempt, recorded before the SDK retries: only
+//!   `delivered`, `unreachable`, `timeout` or `offline`; nothing but `delivered` during the
+//!   graceful stop; nothing but `delivered` in a calm window (every node up and linked, every
+//!   client at its owner), so that a server bug cannot hide behind the SDK's retries;
 //! - no message acked `delivered` is missing at its recipient;
 //! - every send ends in `delivered` (the SDK resends what fails `unreachable`/`timeout`/`offline`);
 //! - no message reaches an application twice;
@@ -18,9 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chaos_support::{
-    World, clients_on, percentiles, rehomed, spawn_clients, wait_delivered, wait_until,
+    World, clients_on, percentiles, rehomed, spawn_clients, wait_delivered, wait_settled,
+    wait_until,
 };
 use imgate::client::SendOutcome;
+use imgate::protocol::FailReason;
 use proc_support::ProcCluster;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -48,9 +54,18 @@ async fn chaos_kill_term_pause_restart() {
         world.lock().unwrap().at.len() == CLIENTS
     })
     .await;
+    // Calm windows: from when every client is at its owner until the next fault starts.
+    let mut calm: Vec<(Instant, Instant)> = Vec::new();
+    // Phases by start time, to report what nodes answered in each.
+    let mut phases: Vec<(&str, Instant)> = vec![("start", Instant::now())];
+    wait_settled(&world, &nodes, &uids).await;
+    let calm_from = Instant::now();
+    phases.push(("calm", calm_from));
     wait_delivered(&world, 200).await;
+    calm.push((calm_from, Instant::now()));
 
     // 1. kill -9 one node, then another.
+    phases.push(("kill -9", Instant::now()));
     for victim in [3, 2] {
         let orphans = clients_on(&world, &ids[victim]);
         let t0 = Instant::now();
@@ -65,12 +80,17 @@ async fn chaos_kill_term_pause_restart() {
     c.spawn(2);
     c.spawn(3);
     c.wait_ready(4, Duration::from_secs(15)).await;
+    wait_settled(&world, &nodes, &uids).await;
+    let calm_from = Instant::now();
+    phases.push(("calm", calm_from));
     wait_delivered(&world, 200).await;
+    calm.push((calm_from, Instant::now()));
 
     // 3. SIGTERM one (graceful drain) and restart it.
+    phases.push(("SIGTERM", Instant::now()));
     let orphans = clients_on(&world, &ids[1]);
     let t0 = Instant::now();
-    let status = c.terminate(1, Duration::from_secs(10));
+    let status = c.terminate(1, Duration::from_secs(10)).await;
     assert!(
         status.is_some_and(|s| s.success()),
         "graceful stop exits 0: {status:?}"
@@ -79,9 +99,14 @@ async fn chaos_kill_term_pause_restart() {
     println!("SIGTERM {}: re-home {}", ids[1], percentiles(times));
     c.spawn(1);
     c.wait_ready(4, Duration::from_secs(15)).await;
+    wait_settled(&world, &nodes, &uids).await;
+    let calm_from = Instant::now();
+    phases.push(("calm", calm_from));
     wait_delivered(&world, 200).await;
+    calm.push((calm_from, Instant::now()));
 
     // 4. SIGSTOP one for longer than failure detection, then SIGCONT.
+    phases.push(("SIGSTOP", Instant::now()));
     let orphans = clients_on(&world, &ids[0]);
     let t0 = Instant::now();
     c.signal(0, libc::SIGSTOP);
@@ -92,6 +117,9 @@ async fn chaos_kill_term_pause_restart() {
     wait_delivered(&world, 100).await;
     c.signal(0, libc::SIGCONT);
     c.wait_ready(4, Duration::from_secs(15)).await;
+    wait_settled(&world, &nodes, &uids).await;
+    let calm_from = Instant::now();
+    phases.push(("calm", calm_from));
     wait_delivered(&world, 200).await;
 
     // 5. Stop sending and let every send end.
@@ -134,6 +162,7 @@ async fn chaos_kill_term_pause_restart() {
             w.errors
         );
     }
+    calm.push((calm_from, Instant::now()));
     assert!(
         world.lock().unwrap().errors.is_empty(),
         "SDK errors: {:?}",
@@ -145,6 +174,7 @@ async fn chaos_kill_term_pause_restart() {
     }
 
     let w = std::mem::take(&mut *world.lock().unwrap());
+    check_attempts(&w, &calm, &phases);
     let failed: Vec<_> = w
         .outcomes
         .iter()
@@ -198,5 +228,69 @@ async fn chaos_kill_term_pause_restart() {
     for i in 0..NODES {
         let log = c.log(i);
         assert!(!log.contains("panicked"), "node {i} panicked:\n{log}");
+    }
+}
+
+/// What the nodes answered, before any SDK retry: only reasons a fault explains, and in a calm
+/// window (every node up and linked, every client at its owner) nothing but `delivered`.
+fn check_attempts(w: &World, calm: &[(Instant, Instant)], phases: &[(&str, Instant)]) {
+    use std::collections::BTreeMap;
+    let phase_of = |t: tokio::time::Instant| {
+        let t = t.into_std();
+        phases.iter().rposition(|(_, from)| *from <= t).unwrap_or(0)
+    };
+    let mut per_phase: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); phases.len()];
+    for (_, a) in &w.attempts {
+        let key = match a.outcome {
+            SendOutcome::Delivered => "delivered".to_string(),
+            SendOutcome::Failed(r) => format!("failed:{}", r.as_str()),
+        };
+        *per_phase[phase_of(a.answered)].entry(key).or_default() += 1;
+    }
+    for ((name, _), counts) in phases.iter().zip(&per_phase) {
+        println!("node answers during {name}: {counts:?}");
+        // A graceful stop hands sessions, held messages and forwards over: nothing fails.
+        if *name == "SIGTERM" {
+            assert!(
+                counts.keys().all(|k| k == "delivered"),
+                "a graceful stop failed sends: {counts:?}"
+            );
+        }
+    }
+    let unexplained: Vec<_> = w
+        .attempts
+        .iter()
+        .filter(|(_, a)| {
+            !matches!(
+                a.outcome,
+                SendOutcome::Delivered
+                    | SendOutcome::Failed(
+                        FailReason::Unreachable | FailReason::Timeout | FailReason::Offline
+                    )
+            )
+        })
+        .take(10)
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "answers no fault explains: {unexplained:?}"
+    );
+    for (from, to) in calm {
+        let inside: Vec<_> = w
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.written.into_std() >= *from && a.answered.into_std() <= *to)
+            .collect();
+        assert!(
+            inside.len() >= 100,
+            "a calm window with {} answers",
+            inside.len()
+        );
+        let bad: Vec<_> = inside
+            .iter()
+            .filter(|(_, a)| a.outcome != SendOutcome::Delivered)
+            .take(10)
+            .collect();
+        assert!(bad.is_empty(), "failed in a calm window: {bad:?}");
     }
 }

@@ -124,6 +124,8 @@ async fn offline_failures_are_retried_up_to_max_attempts() {
     c.wait_converged(2).await;
     let mut cfg = config(&c, "alice");
     cfg.max_attempts = 3;
+    let (attempts_tx, mut attempts) = mpsc::unbounded_channel();
+    cfg.attempts = Some(attempts_tx);
     let (alice, _ain, mut aev) = Client::start(cfg);
     connected(&mut aev).await;
     let got = outcome(alice.send_with_id("o1", "nobody-online", json!(1)).unwrap()).await;
@@ -136,6 +138,14 @@ async fn offline_failures_are_retried_up_to_max_attempts() {
         .resent
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(resent, 2, "three attempts in all");
+    let mut seen = Vec::new();
+    while let Ok(a) = attempts.try_recv() {
+        assert_eq!((a.id.as_str(), a.to.as_str()), ("o1", "nobody-online"));
+        assert!(a.answered >= a.written);
+        seen.push((a.number, a.outcome));
+    }
+    let offline = SendOutcome::Failed(imgate::protocol::FailReason::Offline);
+    assert_eq!(seen, [(1, offline), (2, offline), (3, offline)]);
     let failed = c.metric(0, "imgate_failed_total{reason=\"offline\"}").await
         + c.metric(1, "imgate_failed_total{reason=\"offline\"}").await;
     assert_eq!(failed, 3, "each attempt reached the recipient's owner");

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imgate::client::{Client, ClientConfig, ClientStats, Event, SendOutcome};
+use imgate::client::{Attempt, Client, ClientConfig, ClientStats, Event, SendOutcome};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -42,11 +42,13 @@ pub struct World {
     pub suppressed: u64,
     /// Sessions the SDKs were welcomed to.
     pub sessions: u64,
+    /// Every answer a node gave to an attempt, before the SDK retried: (sender, attempt).
+    pub attempts: Vec<(String, Attempt)>,
 }
 
 pub fn client_config(nodes: &[String], uid: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new(nodes.to_vec(), uid);
-    cfg.max_attempts = 100;
+    cfg.max_attempts = 20;
     cfg.ping_interval = Duration::from_millis(300);
     cfg.min_backoff = Duration::from_millis(20);
     cfg.max_backoff = Duration::from_millis(400);
@@ -63,7 +65,10 @@ pub fn spawn_client(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let (client, mut incoming, mut events) = Client::start(client_config(&nodes, &uid));
+        let mut cfg = client_config(&nodes, &uid);
+        let (attempts_tx, mut attempts) = tokio::sync::mpsc::unbounded_channel();
+        cfg.attempts = Some(attempts_tx);
+        let (client, mut incoming, mut events) = Client::start(cfg);
         let mut tick = tokio::time::interval(Duration::from_millis(150));
         let mut n = 0u64;
         let mut outcomes = tokio::task::JoinSet::new();
@@ -99,6 +104,7 @@ pub fn spawn_client(
                         world.lock().unwrap().at.insert(uid.clone(), (node, Instant::now()));
                     }
                 }
+                Some(a) = attempts.recv() => world.lock().unwrap().attempts.push((uid.clone(), a)),
                 Some(_) = outcomes.join_next(), if !outcomes.is_empty() => {}
             }
         }
@@ -190,4 +196,49 @@ pub async fn wait_delivered(world: &Mutex<World>, more: usize) {
         world.lock().unwrap().outcomes.len() >= target
     })
     .await;
+}
+
+/// Waits until every client is connected at the node that owns it (as a login at any node of
+/// `nodes` answers): the cluster and its clients are settled.
+pub async fn wait_settled(world: &Mutex<World>, nodes: &[String], uids: &[String]) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut owners = HashMap::new();
+        for (i, uid) in uids.iter().enumerate() {
+            let base = &nodes[i % nodes.len()];
+            let owner = async {
+                let v: serde_json::Value = http
+                    .post(format!("{base}/login"))
+                    .json(&json!({"uid": uid}))
+                    .timeout(Duration::from_millis(500))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                Some(v["node"].as_str()?.to_string())
+            };
+            if let Some(node) = owner.await {
+                owners.insert(uid.clone(), node);
+            }
+        }
+        let settled = {
+            let w = world.lock().unwrap();
+            uids.iter().all(|u| {
+                owners
+                    .get(u)
+                    .is_some_and(|o| w.at.get(u).is_some_and(|(n, _)| n == o))
+            })
+        };
+        if settled {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "clients not settled at their owners within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -88,7 +88,11 @@ impl ProcCluster {
     }
 
     /// SIGTERM, then waits for the exit (SIGKILL after `limit`); returns the exit status.
-    pub fn terminate(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+    pub async fn terminate(
+        &mut self,
+        i: usize,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
         self.signal(i, libc::SIGTERM);
         let mut child = self.procs[i].child.take().expect("running");
         let start = Instant::now();
@@ -101,7 +105,7 @@ impl ProcCluster {
                 let _ = child.wait();
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
