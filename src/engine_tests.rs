@@ -581,3 +581,60 @@ fn take_held_hands_messages_and_waiters_over() {
         .outcome(1, "m1", "bob", Outcome::Delivered, &mut h.out);
     assert_eq!(h.take(), ["s1 delivered m1 bob"]);
 }
+
+#[test]
+fn held_gauge_and_users_with_held_follow_the_held_messages() {
+    let mut h = Harness::new();
+    let held = |h: &Harness| h.engine.metrics().held.get();
+    h.open(1, "alice");
+    h.send(1, "m1", "bob");
+    h.send(1, "m2", "bob");
+    h.send(1, "m3", "carol");
+    assert_eq!(held(&h), 3);
+    let mut users: Vec<String> = h
+        .engine
+        .users_with_held()
+        .iter()
+        .map(|u| u.to_string())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["bob", "carol"]);
+    // A session of bob takes bob's two; taking carol's hands the last one over.
+    assert_eq!(h.open(2, "bob"), ["s2 msg 1 alice m1", "s2 msg 2 alice m2"]);
+    assert_eq!(held(&h), 1);
+    assert_eq!(h.engine.take_held("carol").len(), 1);
+    assert_eq!(held(&h), 0);
+    assert!(h.engine.users_with_held().is_empty());
+}
+
+#[test]
+fn closing_one_of_two_sessions_keeps_the_push_on_the_other() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.open(3, "bob");
+    // Both of bob's sessions get it, each as its seq 1.
+    assert_eq!(
+        h.send(1, "m1", "bob"),
+        ["s2 msg 1 alice m1", "s3 msg 1 alice m1"]
+    );
+    // Closing one leaves the other's push in place: nothing is pushed again.
+    assert!(h.close(2).is_empty());
+    assert_eq!(h.ack(3, 1), ["s1 delivered m1 bob"]);
+}
+
+#[test]
+fn session_queries_name_the_live_sessions() {
+    let mut h = Harness::new();
+    assert_eq!(h.engine.session_count(), 0);
+    h.open(1, "alice");
+    h.open(2, "bob");
+    let mut all = h.engine.sessions();
+    all.sort();
+    assert_eq!(all, [(1, Arc::from("alice")), (2, Arc::from("bob"))]);
+    assert_eq!(h.engine.session_count(), 2);
+    assert_eq!(h.engine.session_uid(2).map(|u| &**u), Some("bob"));
+    h.close(2);
+    assert_eq!(h.engine.session_uid(2), None);
+    assert_eq!(h.engine.session_count(), 1);
+}
