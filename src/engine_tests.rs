@@ -292,8 +292,8 @@ fn dedup_window_is_bounded() {
     assert_eq!(h.send(1, "a", "bob"), ["s2 msg 6 alice a"]);
 }
 
-#[test]
-fn fan_out_to_every_session_and_one_delivered() {
+/// Alice (s1) sends m1 to bob, who has two sessions (s2, s3): each gets it as its seq 1.
+fn fanned_out() -> Harness {
     let mut h = Harness::new();
     h.open(1, "alice");
     h.open(2, "bob");
@@ -302,6 +302,12 @@ fn fan_out_to_every_session_and_one_delivered() {
         h.send(1, "m1", "bob"),
         ["s2 msg 1 alice m1", "s3 msg 1 alice m1"]
     );
+    h
+}
+
+#[test]
+fn fan_out_to_every_session_and_one_delivered() {
+    let mut h = fanned_out();
     assert_eq!(h.ack(3, 1), ["s1 delivered m1 bob"]);
     assert!(h.ack(2, 1).is_empty(), "second ack is ignored");
     assert!(
@@ -609,15 +615,7 @@ fn held_gauge_and_users_with_held_follow_the_held_messages() {
 
 #[test]
 fn closing_one_of_two_sessions_keeps_the_push_on_the_other() {
-    let mut h = Harness::new();
-    h.open(1, "alice");
-    h.open(2, "bob");
-    h.open(3, "bob");
-    // Both of bob's sessions get it, each as its seq 1.
-    assert_eq!(
-        h.send(1, "m1", "bob"),
-        ["s2 msg 1 alice m1", "s3 msg 1 alice m1"]
-    );
+    let mut h = fanned_out();
     // Closing one leaves the other's push in place: nothing is pushed again.
     assert!(h.close(2).is_empty());
     assert_eq!(h.ack(3, 1), ["s1 delivered m1 bob"]);

@@ -4,7 +4,7 @@ mod cluster_support;
 
 use std::time::Duration;
 
-use cluster_support::{Client, Cluster};
+use cluster_support::{Client, Cluster, expect_delivery, first_uid};
 use imgate::engine::Message;
 use imgate::node::{Command, Outbox, SessionEnd};
 use imgate::wire::{PeerFrame, WireMessage};
@@ -185,14 +185,8 @@ async fn join_moves_users_and_loses_nothing() {
     c.wait_converged(2).await;
     // Find a uid that n3 will own once it joins.
     let future = imgate::ring::Ring::new(imgate::ring::node_ids(&["n1", "n2", "n3"]), 160, 0);
-    let moving = (0..)
-        .map(|i| format!("mover-{i}"))
-        .find(|u| &**future.primary(u).unwrap() == "n3")
-        .unwrap();
-    let staying = (0..)
-        .map(|i| format!("stayer-{i}"))
-        .find(|u| &**future.primary(u).unwrap() != "n3")
-        .unwrap();
+    let moving = first_uid("mover-", |u| &**future.primary(u).unwrap() == "n3");
+    let staying = first_uid("stayer-", |u| &**future.primary(u).unwrap() != "n3");
     let mut mover = Client::login(&c.nodes[0].http_url(), &moving).await;
     let mut stayer = Client::login(&c.nodes[0].http_url(), &staying).await;
     c.add_node().await;
@@ -203,10 +197,7 @@ async fn join_moves_users_and_loses_nothing() {
     // Messages sent while the user moves are held by the new owner, not failed offline.
     stayer.send("during", &moving, json!("x")).await;
     let mut mover = Client::connect(moved["url"].as_str().unwrap(), &mover.token).await;
-    let m = mover.expect("msg").await;
-    assert_eq!(m["id"], "during");
-    mover.ack(m["seq"].as_u64().unwrap()).await;
-    assert_eq!(stayer.expect("delivered").await["id"], "during");
+    expect_delivery(&mut stayer, &mut mover, "during").await;
     c.shutdown().await;
 }
 
@@ -334,10 +325,9 @@ async fn graceful_shutdown_moves_sessions_and_hands_over_held_messages() {
 
 /// The first uid with `prefix` that node 0 sees owned by `node`.
 fn owned_by(c: &Cluster, node: &str, prefix: &str) -> String {
-    (0..)
-        .map(|i| format!("{prefix}{i}"))
-        .find(|u| c.nodes[0].shared().owner_of(u).unwrap().node.as_ref() == node)
-        .unwrap()
+    first_uid(prefix, |u| {
+        c.nodes[0].shared().owner_of(u).unwrap().node.as_ref() == node
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,20 +335,14 @@ async fn join_hands_held_messages_to_the_new_owner() {
     let mut c = Cluster::start_with(2, |cfg| cfg.delivery.hold_ms = 8000).await;
     c.wait_converged(2).await;
     let future = imgate::ring::Ring::new(imgate::ring::node_ids(&["n1", "n2", "n3"]), 160, 0);
-    let moving = (0..)
-        .map(|i| format!("mover-{i}"))
-        .find(|u| &**future.primary(u).unwrap() == "n3")
-        .unwrap();
+    let moving = first_uid("mover-", |u| &**future.primary(u).unwrap() == "n3");
     let old_owner = c.nodes[0].shared().owner_of(&moving).unwrap().node;
     let old = c
         .nodes
         .iter()
         .position(|n| n.node_id() == &*old_owner)
         .unwrap();
-    let sender_uid = (0..)
-        .map(|i| format!("sender-{i}"))
-        .find(|u| &**future.primary(u).unwrap() != "n3")
-        .unwrap();
+    let sender_uid = first_uid("sender-", |u| &**future.primary(u).unwrap() != "n3");
     let mut sender = Client::login(&c.nodes[0].http_url(), &sender_uid).await;
     // Held at the old owner: the recipient is offline.
     sender.send("held-1", &moving, json!("x")).await;
@@ -375,10 +359,7 @@ async fn join_hands_held_messages_to_the_new_owner() {
     .await;
     let mut mover = Client::login(&c.nodes[0].http_url(), &moving).await;
     assert_eq!(mover.node, "n3");
-    let m = mover.expect("msg").await;
-    assert_eq!(m["id"], "held-1");
-    mover.ack(m["seq"].as_u64().unwrap()).await;
-    assert_eq!(sender.expect("delivered").await["id"], "held-1");
+    expect_delivery(&mut sender, &mut mover, "held-1").await;
     c.shutdown().await;
 }
 

@@ -26,6 +26,22 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The first uid `{prefix}{i}` that `pred` accepts.
+pub fn first_uid(prefix: &str, pred: impl Fn(&str) -> bool) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| pred(u))
+        .unwrap()
+}
+
+/// `recipient` gets message `id`, acks it, and `sender` is told `delivered`.
+pub async fn expect_delivery(sender: &mut Client, recipient: &mut Client, id: &str) {
+    let m = recipient.expect("msg").await;
+    assert_eq!(m["id"], id, "{m}");
+    recipient.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(sender.expect("delivered").await["id"], id);
+}
+
 pub struct Cluster {
     pub nodes: Vec<NodeHandle>,
     cfg: Config,
