@@ -157,6 +157,16 @@ pub fn random_id() -> String {
     format!("{v:032x}")
 }
 
+/// A new secret for `cluster.secret`, `auth.jwt_secret` or an API key: 32 bytes from the
+/// operating system's random source, base64 (44 characters).
+pub fn gen_secret() -> String {
+    use argon2::password_hash::rand_core::RngCore;
+    use base64::Engine;
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// Hashes `password` with argon2id and a random salt, as a PHC string.
 ///
 /// # Errors
@@ -181,6 +191,25 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_secrets_are_long_random_and_accepted_on_a_network() {
+        use base64::Engine;
+        let a = gen_secret();
+        let b = gen_secret();
+        assert_ne!(a, b);
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&a)
+            .unwrap();
+        assert_eq!(raw.len(), 32);
+        assert!(a.len() >= crate::config::MIN_SECRET_BYTES);
+        let mut cfg = crate::config::Config::for_test();
+        cfg.nodes[0].http = "0.0.0.0:0".parse().unwrap();
+        cfg.cluster.secret = a;
+        cfg.auth.jwt_secret = b;
+        cfg.api.keys = vec![gen_secret()];
+        cfg.check_secrets_for("n1").unwrap();
+    }
 
     #[test]
     fn uid_rules() {

@@ -40,6 +40,42 @@ pub enum ConfigError {
     /// `--id` names a node that the file does not list.
     #[error("node `{0}` is not listed in [[nodes]]")]
     UnknownNode(String),
+    /// The node listens (or is advertised) beyond loopback while a secret is the shipped
+    /// default or too short.
+    #[error(
+        "node `{node}` has an address that is not loopback ({address}), so its secrets must be \
+         real: {}. Make one with `imgate gen-secret`",
+        .problems.join("; ")
+    )]
+    WeakSecrets {
+        /// The node.
+        node: String,
+        /// The first address that is not loopback.
+        address: String,
+        /// One line per offending key, naming it.
+        problems: Vec<String>,
+    },
+}
+
+/// Secrets that ship in the defaults and in `cluster.toml`: fine on loopback, refused on a
+/// network.
+pub const SHIPPED_SECRETS: [&str; 3] = [
+    "dev-cluster-secret-change-me",
+    "dev-only-change-me",
+    "dev-api-key",
+];
+
+/// Shortest secret accepted on a network, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Whether `host` (an IP address or a name) is loopback. Names other than `localhost` count
+/// as network addresses.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -598,6 +634,68 @@ impl Config {
             .ok_or_else(|| ConfigError::UnknownNode(id.to_string()))
     }
 
+    /// The secrets that are unfit for a network, each named by its key: a shipped default or
+    /// shorter than [`MIN_SECRET_BYTES`].
+    pub fn weak_secrets(&self) -> Vec<String> {
+        let mut secrets = vec![
+            ("cluster.secret".to_string(), &self.cluster.secret),
+            ("auth.jwt_secret".to_string(), &self.auth.jwt_secret),
+        ];
+        for (i, key) in self.api.keys.iter().enumerate() {
+            secrets.push((format!("api.keys[{i}]"), key));
+        }
+        secrets
+            .into_iter()
+            .filter_map(|(name, value)| {
+                if SHIPPED_SECRETS.contains(&value.as_str()) {
+                    Some(format!("`{name}` is the shipped default"))
+                } else if value.len() < MIN_SECRET_BYTES {
+                    Some(format!(
+                        "`{name}` is {} bytes, shorter than {MIN_SECRET_BYTES}",
+                        value.len()
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Refuses to run node `id` on a network with weak secrets: when any of its addresses
+    /// (`http`, `gossip`, `quic`, or the host of `advertise`) is not loopback, every secret
+    /// must pass [`Config::weak_secrets`]. On loopback anything goes, so the one-command
+    /// start keeps working.
+    ///
+    /// # Errors
+    /// [`ConfigError::WeakSecrets`] naming each offending key, or
+    /// [`ConfigError::UnknownNode`].
+    pub fn check_secrets_for(&self, id: &str) -> Result<(), ConfigError> {
+        let node = self.node(id)?;
+        let mut addresses: Vec<String> = [node.http, node.gossip, node.quic]
+            .iter()
+            .filter(|a| !a.ip().is_loopback())
+            .map(|a| a.to_string())
+            .collect();
+        if let Some(adv) = &node.advertise {
+            let host = adv.rsplit_once(':').map_or(adv.as_str(), |(h, _)| h);
+            if !is_loopback_host(host) {
+                addresses.push(adv.clone());
+            }
+        }
+        let Some(address) = addresses.into_iter().next() else {
+            return Ok(());
+        };
+        let problems = self.weak_secrets();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError::WeakSecrets {
+            node: id.to_string(),
+            address,
+            problems,
+        })
+    }
+
     /// A one-node configuration on `127.0.0.1:0` ports, for tests.
     pub fn for_test() -> Config {
         Config::for_test_nodes(1)
@@ -718,6 +816,89 @@ quic = "127.0.0.1:7101"
         });
         assert_eq!(cfg.auth.jwt_secret, "from-env");
         assert_eq!(cfg.api.keys, vec!["key-env".to_string()]);
+    }
+
+    const STRONG: &str = "0123456789abcdef0123456789abcdef";
+
+    fn strong(mut cfg: Config) -> Config {
+        cfg.cluster.secret = format!("c{STRONG}");
+        cfg.auth.jwt_secret = format!("j{STRONG}");
+        cfg.api.keys = vec![format!("k{STRONG}")];
+        cfg
+    }
+
+    #[test]
+    fn weak_secrets_are_fine_on_loopback_only() {
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        assert_eq!(cfg.weak_secrets().len(), 3, "{:?}", cfg.weak_secrets());
+        cfg.check_secrets_for("n1")
+            .expect("loopback accepts the defaults");
+        cfg.nodes[0].http = "0.0.0.0:9501".parse().unwrap();
+        let err = cfg.check_secrets_for("n1").unwrap_err();
+        let text = err.to_string();
+        for key in ["cluster.secret", "auth.jwt_secret", "api.keys[0]"] {
+            assert!(
+                text.contains(&format!("`{key}` is the shipped default")),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains("0.0.0.0:9501") && text.contains("gen-secret"),
+            "{text}"
+        );
+        strong(cfg).check_secrets_for("n1").expect("real secrets");
+    }
+
+    #[test]
+    fn each_weak_secret_is_named() {
+        let mut base = strong(Config::parse(SAMPLE).unwrap());
+        base.nodes[0].gossip = "10.1.2.3:7001".parse().unwrap();
+        base.check_secrets_for("n1").unwrap();
+        type Weaken = fn(&mut Config);
+        let cases: [(&str, Weaken); 5] = [
+            ("`cluster.secret` is the shipped default", |c| {
+                c.cluster.secret = "dev-cluster-secret-change-me".into()
+            }),
+            ("`cluster.secret` is 31 bytes, shorter than 32", |c| {
+                c.cluster.secret = "x".repeat(31)
+            }),
+            ("`auth.jwt_secret` is the shipped default", |c| {
+                c.auth.jwt_secret = "dev-only-change-me".into()
+            }),
+            ("`auth.jwt_secret` is 5 bytes, shorter than 32", |c| {
+                c.auth.jwt_secret = "short".into()
+            }),
+            ("`api.keys[1]` is the shipped default", |c| {
+                c.api.keys.push("dev-api-key".into())
+            }),
+        ];
+        for (want, weaken) in cases {
+            let mut cfg = base.clone();
+            weaken(&mut cfg);
+            match cfg.check_secrets_for("n1") {
+                Err(ConfigError::WeakSecrets {
+                    problems, address, ..
+                }) => {
+                    assert_eq!(problems, [want.to_string()]);
+                    assert_eq!(address, "10.1.2.3:7001");
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_advertised_name_counts_as_a_network() {
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        cfg.nodes[0].advertise = Some("localhost:9501".into());
+        cfg.check_secrets_for("n1").unwrap();
+        cfg.nodes[0].advertise = Some("[::1]:9501".into());
+        cfg.check_secrets_for("n1").unwrap();
+        cfg.nodes[0].advertise = Some("chat.example.com:443".into());
+        assert!(matches!(
+            cfg.check_secrets_for("n1"),
+            Err(ConfigError::WeakSecrets { ref address, .. }) if address == "chat.example.com:443"
+        ));
     }
 
     #[test]

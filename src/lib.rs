@@ -9,6 +9,7 @@
 //! - [`ring`]: the consistent-hash ring (hashring, virtual nodes, explicit-byte hashing).
 //! - [`membership`]: gossip membership (chitchat) and the view: live members plus ring.
 //! - [`wire`]: node-to-node frames (bincode 2 behind a version byte).
+//! - [`keys`]: keys derived from the cluster secret (HKDF-SHA256, one label per use).
 //! - [`tls`]: the cluster credential: mutual TLS from a CA derived from the cluster secret.
 //! - [`peer`]: node-to-node links over QUIC, one connection per pair of nodes.
 //! - [`node`]: a running node: the engine driver, ownership, forwarding, drain.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod node;

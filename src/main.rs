@@ -32,6 +32,9 @@ enum Cmd {
         #[arg(long, short, default_value = "cluster.toml")]
         config: PathBuf,
     },
+    /// Print a new random secret (32 bytes from the OS-seeded CSPRNG, base64) for
+    /// `cluster.secret`, `auth.jwt_secret` or an `api.keys` entry.
+    GenSecret,
     /// Print an argon2id hash for an `[[auth.users]]` entry. Reads the password from
     /// stdin (one line) unless --password is given.
     HashPassword {
@@ -71,6 +74,10 @@ async fn stop_signal() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::GenSecret => {
+            println!("{}", imgate::auth::gen_secret());
+            Ok(())
+        }
         Cmd::HashPassword { password } => {
             let password = match password {
                 Some(p) => p,

@@ -376,6 +376,7 @@ const ENGINE_INBOX: usize = 8192;
 /// [`NodeError`] if the node is not in the configuration or a port cannot be bound.
 pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> {
     cfg.validate()?;
+    cfg.check_secrets_for(node_id)?;
     let node_cfg = cfg.node(node_id)?.clone();
     let bind_err = |what, addr| move |source| NodeError::Bind { what, addr, source };
     let listener = TcpListener::bind(node_cfg.http)

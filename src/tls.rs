@@ -1,8 +1,9 @@
 //! The cluster credential: mutual TLS between nodes from a CA derived from `cluster.secret`.
 //!
-//! Every node derives the same Ed25519 CA key from SHA-256 of a domain tag and the cluster
-//! secret, then issues itself a fresh leaf certificate signed by that key. Both ends of a QUIC
-//! link require a certificate chaining to the CA (TLS 1.3, client auth required), so a process
+//! Every node derives the same Ed25519 CA key from the cluster secret (HKDF-SHA256 with its
+//! own label, [`crate::keys`]), then issues itself a fresh leaf certificate signed by that key.
+//! Both ends of a QUIC link require a certificate chaining to the CA (TLS 1.3, client auth
+//! required), so a process
 //! without the secret can neither complete a handshake (to read or inject frames) nor pose as
 //! a node. The secret never leaves the process; changing it is a cluster-wide restart.
 
@@ -10,7 +11,6 @@ use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest, Sha256};
 
 /// The name every node certificate carries and every client checks.
 pub const NODE_NAME: &str = "imgate-node";
@@ -51,10 +51,7 @@ fn ca_params() -> CertificateParams {
 }
 
 fn ca_key(secret: &str) -> Result<KeyPair, TlsError> {
-    let seed = Sha256::new()
-        .chain_update(b"imgate cluster ca v1\0")
-        .chain_update(secret.as_bytes())
-        .finalize();
+    let seed = crate::keys::derive(secret, crate::keys::KeyUse::ClusterCa, "");
     let mut der = ED25519_PKCS8_PREFIX.to_vec();
     der.extend_from_slice(&seed);
     let pkcs8 = PrivatePkcs8KeyDer::from(der);

@@ -104,6 +104,10 @@ pub async fn run(
     path: PathBuf,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Each child would refuse weak secrets on a network; say so once, before starting any.
+    for node in &cfg.nodes {
+        cfg.check_secrets_for(&node.id)?;
+    }
     let exe = std::env::current_exe().context("locating the imgate binary")?;
     let mut children: Vec<(String, Child)> = Vec::new();
     for node in &cfg.nodes {

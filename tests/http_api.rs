@@ -933,3 +933,24 @@ async fn push_json_array_body_is_400() {
     assert_error(status, &answer, 400, "bad_request");
     node.shutdown().await;
 }
+
+/// A node advertised on a network refuses the shipped secrets, naming each; with real ones it
+/// starts. (It still binds loopback here: only the advertised name is a network address.)
+#[tokio::test]
+async fn a_node_on_a_network_refuses_shipped_secrets() {
+    let mut cfg = Config::for_test();
+    cfg.nodes[0].advertise = Some("chat.example.com:443".into());
+    let err = imgate::node::start(cfg.clone(), "n1").await.unwrap_err();
+    let text = err.to_string();
+    for key in ["cluster.secret", "auth.jwt_secret", "api.keys[0]"] {
+        assert!(text.contains(&format!("`{key}`")), "{text}");
+    }
+    cfg.cluster.secret = imgate::auth::gen_secret();
+    cfg.auth.jwt_secret = imgate::auth::gen_secret();
+    cfg.api.keys = vec![imgate::auth::gen_secret()];
+    let node = imgate::node::start(cfg, "n1")
+        .await
+        .expect("real secrets start");
+    assert_eq!(node.ws_url(), "ws://chat.example.com:443/ws");
+    node.shutdown().await;
+}

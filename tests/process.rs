@@ -449,3 +449,46 @@ async fn up_says_ready_when_every_login_is_welcomed() {
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `imgate node` and `imgate up` refuse to start on a network with the shipped secrets, and
+/// say which keys; `imgate gen-secret` makes one that is accepted.
+#[test]
+fn binaries_refuse_shipped_secrets_on_a_network() {
+    let dir = std::env::temp_dir().join(format!("imgate-weak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cluster.toml");
+    let node = "[[nodes]]\nid = \"n1\"\nhttp = \"127.0.0.1:0\"\ngossip = \"127.0.0.1:0\"\n\
+                quic = \"127.0.0.1:0\"\nadvertise = \"chat.example.com:443\"\n";
+    std::fs::write(&path, node).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(proc_support::imgate_binary())
+            .args(args)
+            .env("IMGATE_LOG", "warn")
+            .env_remove("IMGATE_CLUSTER_SECRET")
+            .env_remove("IMGATE_JWT_SECRET")
+            .env_remove("IMGATE_API_KEY")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let config = path.to_str().unwrap();
+    for args in [
+        &["node", "--config", config, "--id", "n1"][..],
+        &["up", "--config", config][..],
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for key in ["cluster.secret", "auth.jwt_secret", "api.keys[0]"] {
+            assert!(
+                err.contains(&format!("`{key}` is the shipped default")),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    let secret = run(&["gen-secret"]);
+    assert!(secret.status.success());
+    let secret = String::from_utf8(secret.stdout).unwrap();
+    assert_eq!(secret.trim().len(), 44, "{secret}");
+    let _ = std::fs::remove_dir_all(dir);
+}
