@@ -7,6 +7,7 @@
 //! - [`engine`]: the delivery rules as a state machine without IO.
 //! - [`metrics`]: Prometheus metrics of a node.
 //! - [`ring`]: the consistent-hash ring (hashring, virtual nodes, explicit-byte hashing).
+//! - [`gossip`]: chitchat's transport with every datagram sealed by an HMAC and checked first.
 //! - [`membership`]: gossip membership (chitchat) and the view: live members plus ring.
 //! - [`wire`]: node-to-node frames (bincode 2 behind a version byte).
 //! - [`keys`]: keys derived from the cluster secret (HKDF-SHA256, one label per use).
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod gossip;
 pub mod http;
 pub mod keys;
 pub mod membership;

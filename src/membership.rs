@@ -11,7 +11,6 @@ use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chitchat::transport::UdpTransport;
 use chitchat::{
     ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState, ProtocolVersion,
     spawn_chitchat,
@@ -21,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::engine::NodeId;
+use crate::gossip::AuthTransport;
 use crate::ring::Ring;
 
 /// Gossip key: WebSocket URL.
@@ -138,6 +138,7 @@ impl Membership {
         cfg: &Config,
         me: SelfInfo,
         gossip: SocketAddr,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Membership> {
         let gossip_addr = if gossip.port() == 0 {
             StdUdpSocket::bind(gossip)?.local_addr()?
@@ -182,7 +183,8 @@ impl Membership {
             (KEY_PROTO.to_string(), crate::wire::VERSION.to_string()),
             (KEY_STATUS.to_string(), "serving".to_string()),
         ];
-        let handle = spawn_chitchat(chitchat_cfg, kvs, &UdpTransport).await?;
+        let transport = AuthTransport::new(&cfg.cluster.secret, &cfg.cluster.id, metrics);
+        let handle = spawn_chitchat(chitchat_cfg, kvs, &transport).await?;
         let mut live = handle.chitchat().lock().await.live_nodes_watcher();
         let vnodes = cfg.cluster.vnodes;
         // This node is a member from the first instant (chitchat's live set may only list it

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub quic_peers: Gauge,
     /// Live gossip members, this node included.
     pub gossip_members: Gauge,
+    gossip_rejected: [Counter; 6],
     /// Seconds from taking a message to its first ack.
     pub delivery_latency: Histogram,
     /// Seconds from forwarding a message to another node until its outcome came back.
@@ -107,6 +108,14 @@ impl Metrics {
         );
         let failed = FailReason::ALL
             .map(|r| failed_family.get_or_create_owned(&ReasonLabel { reason: r.as_str() }));
+        let rejected_family = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "gossip_rejected",
+            "Gossip datagrams refused before decoding, by reason",
+            rejected_family.clone(),
+        );
+        let gossip_rejected = crate::gossip::Reject::ALL
+            .map(|r| rejected_family.get_or_create_owned(&ReasonLabel { reason: r.as_str() }));
         let retries = Counter::default();
         registry.register(
             "retries",
@@ -179,9 +188,24 @@ impl Metrics {
             logins_refused,
             quic_peers,
             gossip_members,
+            gossip_rejected,
             delivery_latency,
             forward_latency,
         }
+    }
+
+    /// Counts one gossip datagram refused.
+    pub fn gossip_rejected(&self, reason: crate::gossip::Reject) {
+        let i = crate::gossip::Reject::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("ALL lists every reason");
+        self.gossip_rejected[i].inc();
+    }
+
+    /// Gossip datagrams refused so far, every reason together.
+    pub fn gossip_rejected_total(&self) -> u64 {
+        self.gossip_rejected.iter().map(Counter::get).sum()
     }
 
     /// Counts one `failed` outcome.

@@ -408,7 +408,7 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         http: advertised.clone(),
         quic: links.local_addr(),
     };
-    let membership = Membership::start(&cfg, me, node_cfg.gossip)
+    let membership = Membership::start(&cfg, me, node_cfg.gossip, metrics.clone())
         .await
         .map_err(|e| NodeError::Gossip(format!("{e:#}")))?;
     let shutdown = CancellationToken::new();
