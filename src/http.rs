@@ -176,6 +176,16 @@ async fn health(State(state): State<AppState>) -> Response {
     let members = view.members.len();
     let reachable = s.reachable_members(&view);
     let ready = reachable == members;
+    if let Some(reason) = s.degraded.get() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({"status": "degraded", "node": &*s.node_id, "members": members,
+                "reachable": reachable, "ready": false, "reason": reason}),
+            ),
+        )
+            .into_response();
+    }
     if s.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

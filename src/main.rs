@@ -44,6 +44,9 @@ enum Cmd {
     },
 }
 
+/// How long a degraded node spends stopping before it exits (the contract allows 5 s).
+const DEGRADED_EXIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IMGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -107,13 +110,35 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(async move {
                 let node = imgate::node::start(cfg, &id).await?;
-                tokio::select! {
-                    _ = stop_signal() => tracing::info!("signal received, shutting down"),
-                    _ = node.stopped() => {}
+                if let Some(ms) = std::env::var("IMGATE_TEST_STOP_GOSSIP_MS")
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    // Test hook (tests/process.rs): gossip dies after this long.
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    node.membership().stop_gossip_task_for_test();
                 }
-                node.shutdown().await;
-                tracing::info!("stopped");
-                anyhow::Ok(())
+                let degraded = tokio::select! {
+                    _ = stop_signal() => {
+                        tracing::info!("signal received, shutting down");
+                        None
+                    }
+                    _ = node.stopped() => None,
+                    why = node.failed() => Some(why),
+                };
+                match degraded {
+                    None => {
+                        node.shutdown().await;
+                        tracing::info!("stopped");
+                        anyhow::Ok(())
+                    }
+                    Some(why) => {
+                        // Hand what can be handed over, briefly, then exit non-zero so that
+                        // `imgate up`, systemd or Kubernetes start the node again.
+                        let _ = tokio::time::timeout(DEGRADED_EXIT, node.shutdown()).await;
+                        anyhow::bail!("node degraded, exiting: {why}")
+                    }
+                }
             })
         }
     }

@@ -88,6 +88,7 @@ pub struct Membership {
     view: watch::Receiver<Arc<View>>,
     gossip_addr: SocketAddr,
     stop: CancellationToken,
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -250,6 +251,23 @@ impl Membership {
                 }
             }
         });
+        // The gossip task must outlive the node: if it ends (or panics) before `shutdown`,
+        // the view is frozen, and the node must say so instead of serving it.
+        let (failure_tx, failure) = watch::channel(None);
+        let ended = handle.termination_watcher();
+        let stop_failure = stop.clone();
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                _ = stop_failure.cancelled() => return,
+                r = ended => match r {
+                    Ok(()) => "the gossip task ended".to_string(),
+                    Err(e) => format!("the gossip task failed: {e:#}"),
+                },
+            };
+            if !stop_failure.is_cancelled() {
+                let _ = failure_tx.send(Some(why));
+            }
+        });
         Ok(Membership {
             handle: Some(handle),
             leaving,
@@ -257,7 +275,32 @@ impl Membership {
             view,
             gossip_addr,
             stop,
+            failure,
         })
+    }
+
+    /// Resolves with the reason if gossip stops while the node is not shutting down.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + use<> {
+        let mut failure = self.failure.clone();
+        async move {
+            let why = failure
+                .wait_for(Option::is_some)
+                .await
+                .map(|why| why.clone().unwrap_or_default());
+            match why {
+                Ok(why) => why,
+                // The watcher task is gone only after `shutdown`: never resolve then.
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Test hook: stops the gossip task as if it had died, without shutting the node down.
+    #[doc(hidden)]
+    pub fn stop_gossip_task_for_test(&self) {
+        if let Some(h) = &self.handle {
+            let _ = h.initiate_shutdown();
+        }
     }
 
     /// The current view and its updates.

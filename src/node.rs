@@ -294,6 +294,9 @@ pub struct Shared {
     pub view: watch::Receiver<Arc<View>>,
     /// Links to the other nodes.
     pub links: Arc<Links>,
+    /// Set (once, with the reason) when gossip or the QUIC endpoint stopped while the node was
+    /// not shutting down: `/health` answers 503 `degraded` and the process exits.
+    pub degraded: std::sync::OnceLock<String>,
     next_session: AtomicU64,
 }
 
@@ -364,6 +367,7 @@ pub struct NodeHandle {
     tracker: TaskTracker,
     server: JoinHandle<()>,
     membership: Membership,
+    failed: watch::Receiver<Option<String>>,
 }
 
 /// Inbox of the engine driver: bounded so that a flood of client frames waits at the
@@ -429,9 +433,29 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         live_sessions: AtomicUsize::new(0),
         view: membership.view(),
         links,
+        degraded: std::sync::OnceLock::new(),
         next_session: AtomicU64::new(1),
         cfg,
     });
+    // A node whose gossip or QUIC endpoint died serves a frozen view: say so, and let the
+    // process end (`NodeHandle::failed`) so that a supervisor restarts it.
+    let (failed_tx, failed) = watch::channel(None);
+    {
+        let gossip = membership.failed();
+        let quic = shared.links.failed();
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                why = gossip => why,
+                why = quic => why,
+            };
+            tracing::error!(node = %shared.node_id, reason = %why, "node degraded");
+            let _ = shared.degraded.set(why.clone());
+            let _ = failed_tx.send(Some(why));
+        });
+    }
     let tracker = TaskTracker::new();
     let engine = Engine::new(
         EngineConfig::from_config(&shared.cfg.delivery, &shared.cfg.limits),
@@ -466,6 +490,7 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         tracker,
         server,
         membership,
+        failed,
     })
 }
 
@@ -503,6 +528,21 @@ impl NodeHandle {
     /// The membership (for measuring failure detection).
     pub fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    /// Resolves with the reason when the node is degraded: its gossip or QUIC endpoint
+    /// stopped while it was not shutting down. The process should then exit (non-zero) so
+    /// that its supervisor starts it again.
+    pub async fn failed(&self) -> String {
+        let mut failed = self.failed.clone();
+        let why = failed
+            .wait_for(Option::is_some)
+            .await
+            .map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Resolves when the node was asked to stop.

@@ -87,6 +87,8 @@ pub struct Links {
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    /// Set when the endpoint stops accepting while the node is not shutting down.
+    failure: watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for Links {
@@ -145,9 +147,37 @@ impl Links {
             metrics,
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            failure: watch::channel(None).0,
         });
-        links.tracker.spawn(accept_loop(links.clone()));
+        let accepting = links.tracker.spawn(accept_loop(links.clone()));
+        let watcher = links.clone();
+        links.tracker.spawn(async move {
+            let ended = accepting.await;
+            if !watcher.stop.is_cancelled() {
+                let why = match ended {
+                    Ok(()) => "the QUIC endpoint stopped accepting".to_string(),
+                    Err(e) => format!("the QUIC accept task failed: {e}"),
+                };
+                watcher.failure.send_replace(Some(why));
+            }
+        });
         Ok(links)
+    }
+
+    /// Resolves with the reason if the QUIC endpoint stops while the node is not shutting
+    /// down.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + use<> {
+        let mut failure = self.failure.subscribe();
+        async move {
+            let why = failure
+                .wait_for(Option::is_some)
+                .await
+                .map(|why| why.clone().unwrap_or_default());
+            match why {
+                Ok(why) => why,
+                Err(_) => std::future::pending().await,
+            }
+        }
     }
 
     /// The bound QUIC address.

@@ -224,3 +224,43 @@ fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// A node whose gossip task dies says so (`/health` 503 `degraded`) and reports the failure,
+/// so that its process exits; the other nodes drop it from their views.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_gossip_dies_is_degraded() {
+    let c = Cluster::start(2).await;
+    c.wait_converged(2).await;
+    let n2 = &c.nodes[1];
+    let health = cluster_support::api_get(&n2.http_url(), "/health").await;
+    assert_eq!(health["status"], "ok");
+    n2.membership().stop_gossip_task_for_test();
+    let why = tokio::time::timeout(Duration::from_secs(5), n2.failed())
+        .await
+        .expect("the failure is reported within 5 s");
+    assert!(why.contains("gossip"), "{why}");
+    let resp = reqwest::get(format!("{}/health", n2.http_url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["ready"], false);
+    assert!(
+        body["reason"].as_str().unwrap().contains("gossip"),
+        "{body}"
+    );
+    // n1 stops hearing n2's heartbeats and drops it.
+    let mut view = c.nodes[0].shared().view.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        view.wait_for(|v| !v.members.contains_key("n2")),
+    )
+    .await
+    .expect("n1 drops n2")
+    .unwrap();
+    // n1 itself is healthy.
+    let health = cluster_support::api_get(&c.nodes[0].http_url(), "/health").await;
+    assert_eq!(health["status"], "ok");
+    c.shutdown().await;
+}

@@ -492,3 +492,42 @@ fn binaries_refuse_shipped_secrets_on_a_network() {
     assert_eq!(secret.trim().len(), 44, "{secret}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A node process whose gossip task dies exits non-zero within 5 s (so that `imgate up`,
+/// systemd or Kubernetes restart it) instead of serving a frozen view.
+#[test]
+fn a_node_whose_gossip_dies_exits_non_zero() {
+    let (dir, _) = proc_support::write_config(1, "");
+    let mut child = std::process::Command::new(proc_support::imgate_binary())
+        .args(["node", "--config"])
+        .arg(dir.join("cluster.toml"))
+        .args(["--id", "n1"])
+        .env("IMGATE_LOG", "info")
+        .env("IMGATE_TEST_STOP_GOSSIP_MS", "300")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still running after 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{status:?}\n{err}");
+    assert!(err.contains("node degraded"), "{err}");
+    // The hook fires 300 ms after start-up; the node reports at once and stops for at most
+    // 3 s (`DEGRADED_EXIT`). The bound leaves room for a slow start on a loaded machine.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    println!("gossip died at 300 ms; the process exited after {took:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
