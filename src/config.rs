@@ -556,6 +556,15 @@ impl Config {
                  so that a burst of outcomes or held messages never closes a healthy reader",
             ));
         }
+        if l.max_body_bytes > crate::wire::MAX_BODY {
+            return Err(invalid(
+                "limits.max_body_bytes",
+                format!(
+                    "must be at most {} (a message must fit one node-to-node frame)",
+                    crate::wire::MAX_BODY
+                ),
+            ));
+        }
         if l.max_frame_bytes < l.max_body_bytes {
             return Err(invalid(
                 "limits.max_frame_bytes",
@@ -612,7 +621,7 @@ impl Config {
                 }
             }
             if let Some(adv) = &n.advertise
-                && (adv.is_empty() || adv.contains('/') || adv.chars().any(char::is_whitespace))
+                && !crate::membership::valid_host_port(adv)
             {
                 return Err(invalid(
                     &format!("nodes[{i}].advertise"),
@@ -793,6 +802,19 @@ quic = "127.0.0.1:7101"
                 .to_string()
                 .contains("nodes[1].id")
         );
+
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        cfg.limits.max_body_bytes = crate::wire::MAX_BODY + 1;
+        cfg.limits.max_frame_bytes = 2 * crate::wire::MAX_BODY;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.max_body_bytes"), "{err}");
+
+        for adv in ["chat.example.com", "a@b:1", "h:1/x", "h h:1", "h:port"] {
+            let mut cfg = Config::parse(SAMPLE).unwrap();
+            cfg.nodes[0].advertise = Some(adv.into());
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("nodes[0].advertise"), "{adv}: {err}");
+        }
 
         let err = Config::parse(&SAMPLE.replace("9501", "\"x\"")).unwrap_err();
         assert!(err.to_string().contains("http"), "{err}");

@@ -99,14 +99,58 @@ impl std::fmt::Debug for Membership {
     }
 }
 
+/// Checks what a member gossips before it enters a view: the node id follows the uid rule and
+/// is at most 64 bytes, `url` is `ws://` or `wss://`, a host and port, and the path `/ws`, and
+/// `http` is a `host:port`. Gossip is authenticated, so only a holder of the secret (or a bug)
+/// could send anything else; it is still never handed to clients.
+///
+/// # Errors
+/// Which key is not acceptable.
+pub fn check_member(id: &str, url: &str, http: &str) -> Result<(), &'static str> {
+    if id.len() > 64 || crate::auth::validate_uid(id).is_err() {
+        return Err("node id");
+    }
+    let authority = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+        .and_then(|rest| rest.strip_suffix("/ws"))
+        .ok_or("url")?;
+    if !valid_host_port(authority) || url.len() > 512 {
+        return Err("url");
+    }
+    if !valid_host_port(http) {
+        return Err("http");
+    }
+    Ok(())
+}
+
+/// `host:port` with a non-empty host of printable characters that cannot change the meaning
+/// of a URL, and a port number.
+pub fn valid_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && host.len() <= 255
+        && port.parse::<u16>().is_ok()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | '?' | '#' | '@' | '\\'))
+}
+
 fn member_of(state: &NodeState, id: &ChitchatId) -> Option<Member> {
     if state.get(KEY_PROTO) != Some(&crate::wire::VERSION.to_string()) {
         return None;
     }
+    let (url, http) = (state.get(KEY_URL)?, state.get(KEY_HTTP)?);
+    if let Err(key) = check_member(&id.node_id, url, http) {
+        tracing::warn!(node = %id.node_id.chars().take(64).collect::<String>(), key, "member left out of the view: bad gossiped value");
+        return None;
+    }
     Some(Member {
         id: Arc::from(&*id.node_id),
-        url: Arc::from(state.get(KEY_URL)?),
-        http: state.get(KEY_HTTP)?.to_string(),
+        url: Arc::from(url),
+        http: http.to_string(),
         quic: state.get(KEY_QUIC)?.parse().ok()?,
         gossip: id.gossip_advertise_addr,
         generation: id.generation_id,
@@ -333,6 +377,36 @@ impl Membership {
         self.stop.cancel();
         if let Some(h) = self.handle.take() {
             let _ = h.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gossiped_members_are_checked() {
+        let ok = |id, url, http| check_member(id, url, http);
+        assert_eq!(ok("n1", "ws://127.0.0.1:9501/ws", "127.0.0.1:9501"), Ok(()));
+        assert_eq!(
+            ok("n1", "wss://chat.example.com:443/ws", "[::1]:80"),
+            Ok(())
+        );
+        for (id, url, http, bad) in [
+            ("", "ws://h:1/ws", "h:1", "node id"),
+            (&*"n".repeat(65), "ws://h:1/ws", "h:1", "node id"),
+            ("n\u{7}", "ws://h:1/ws", "h:1", "node id"),
+            ("n1", "http://h:1/ws", "h:1", "url"),
+            ("n1", "ws://h:1/chat", "h:1", "url"),
+            ("n1", "ws://h/ws", "h:1", "url"),
+            ("n1", "ws://evil.example@h:1/ws", "h:1", "url"),
+            ("n1", "ws://h:1/x?/ws", "h:1", "url"),
+            ("n1", "ws://h:1/ws", "h", "http"),
+            ("n1", "ws://h:1/ws", "h:99999", "http"),
+            ("n1", "ws://h:1/ws", "h h:1", "http"),
+        ] {
+            assert_eq!(ok(id, url, http), Err(bad), "{id:?} {url:?} {http:?}");
         }
     }
 }

@@ -812,7 +812,15 @@ impl Driver {
         match frame {
             PeerFrame::Hello { .. } => {}
             PeerFrame::Deliver { tag, hops, msg } => {
-                let Some(msg) = msg.into_message() else {
+                let checked = match msg.check(self.shared.cfg.limits.max_body_bytes) {
+                    Ok(()) => msg.into_message(),
+                    Err(why) => {
+                        tracing::warn!(peer = %from, why, "refused a message from a peer");
+                        None
+                    }
+                };
+                let Some(msg) = checked else {
+                    self.shared.metrics.failed(FailReason::Invalid);
                     let outcome = Outcome::Failed(FailReason::Invalid).into();
                     self.shared
                         .links

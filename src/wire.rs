@@ -22,6 +22,10 @@ pub const PREAMBLE: [u8; 5] = [b'I', b'M', b'G', b'Q', VERSION];
 /// Largest frame accepted from a peer, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
 
+/// Largest message body that fits a frame with room to spare for the rest of a `Deliver`
+/// (uids, id, varints); `limits.max_body_bytes` may not be larger.
+pub const MAX_BODY: usize = MAX_FRAME - 16 * 1024;
+
 /// Errors reading peer bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -64,6 +68,27 @@ impl WireMessage {
             body: m.body.get().to_string(),
             ts: m.ts,
         }
+    }
+
+    /// Checks the fields with the rules client input follows: `from` is a uid or `$system`,
+    /// `to` is a uid, `id` is 1 to 64 bytes, the body at most `max_body` bytes. A peer holds
+    /// the cluster secret, but a bug or a compromised node must not smuggle in what no client
+    /// could send.
+    ///
+    /// # Errors
+    /// Which rule is broken.
+    pub fn check(&self, max_body: usize) -> Result<(), &'static str> {
+        if self.from != "$system" {
+            crate::auth::validate_uid(&self.from).map_err(|_| "from is not a uid")?;
+        }
+        crate::auth::validate_uid(&self.to).map_err(|_| "to is not a uid")?;
+        if self.id.is_empty() || self.id.len() > crate::protocol::MAX_ID_BYTES {
+            return Err("id must be 1 to 64 bytes");
+        }
+        if self.body.len() > max_body {
+            return Err("body over limits.max_body_bytes");
+        }
+        Ok(())
     }
 
     /// Into an engine message; `None` if the body is not JSON.
@@ -198,6 +223,38 @@ pub fn check_preamble(bytes: &[u8; 5]) -> Result<(), WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_messages_follow_the_client_rules() {
+        let good = WireMessage {
+            from: "alice".into(),
+            id: "m1".into(),
+            to: "bob".into(),
+            body: "\"hi\"".into(),
+            ts: 1,
+        };
+        assert_eq!(good.check(64), Ok(()));
+        let system = WireMessage {
+            from: "$system".into(),
+            ..good.clone()
+        };
+        assert_eq!(system.check(64), Ok(()));
+        type Break = fn(&mut WireMessage);
+        let cases: [(&str, Break); 6] = [
+            ("from", |m| m.from = "a\u{1b}b".into()),
+            ("from", |m| m.from = String::new()),
+            ("to", |m| m.to = "x".repeat(129)),
+            ("id", |m| m.id = String::new()),
+            ("id", |m| m.id = "i".repeat(65)),
+            ("body", |m| m.body = "1".repeat(65)),
+        ];
+        for (what, breaks) in cases {
+            let mut m = good.clone();
+            breaks(&mut m);
+            let err = m.check(64).unwrap_err();
+            assert!(err.starts_with(what), "{what}: {err}");
+        }
+    }
 
     fn frames() -> Vec<PeerFrame> {
         vec![

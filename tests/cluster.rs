@@ -496,3 +496,57 @@ async fn a_deliver_that_reaches_a_non_owner_is_passed_on() {
     assert_eq!(c.metric(2, "imgate_messages_forwarded_total").await, 1);
     c.shutdown().await;
 }
+
+/// A `Deliver` from a peer is checked like client input: a malformed one fails `invalid` and
+/// reaches nobody; a good one right after is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_deliver_from_a_peer_is_refused() {
+    let c = Cluster::start(2).await;
+    c.wait_converged(2).await;
+    let b = owned_by(&c, "n2", "b");
+    let mut bob = Client::login(&c.nodes[1].http_url(), &b).await;
+    let n2 = c.nodes[1].shared();
+    let invalid = r#"imgate_failed_total{reason="invalid"}"#;
+    let before = c.metric(1, invalid).await;
+    let bad = [
+        wire("a\u{1b}", "x1", &b), // control character in `from`
+        wire("alice", "", &b),     // empty id
+        wire("alice", &"i".repeat(65), &b),
+        wire("alice", "x4", &"t".repeat(129)),
+    ];
+    let mut oversize = wire("alice", "x5", &b);
+    oversize.body = format!("\"{}\"", "x".repeat(n2.cfg.limits.max_body_bytes));
+    for (i, msg) in bad.into_iter().chain([oversize]).enumerate() {
+        n2.engine
+            .send(Command::Peer {
+                from: "n1".into(),
+                frame: PeerFrame::Deliver {
+                    tag: i as u64,
+                    hops: 0,
+                    msg,
+                },
+            })
+            .await
+            .unwrap();
+    }
+    cluster_support::wait_until(Duration::from_secs(5), || {
+        n2.metrics
+            .encode()
+            .contains(&format!("{invalid} {}", before + 5))
+    })
+    .await;
+    n2.engine
+        .send(Command::Peer {
+            from: "n1".into(),
+            frame: PeerFrame::Deliver {
+                tag: 9,
+                hops: 0,
+                msg: wire("alice", "ok", &b),
+            },
+        })
+        .await
+        .unwrap();
+    let m = bob.expect("msg").await;
+    assert_eq!(m["id"], "ok", "only the good one arrives: {m}");
+    c.shutdown().await;
+}
