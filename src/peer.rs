@@ -8,7 +8,10 @@
 //! fails the forwards in flight) and reconnects with backoff. Reading happens in a second task
 //! per link that hands frames to the driver.
 //!
-//! Only nodes holding the cluster secret complete the mutual-TLS handshake ([`crate::tls`]).
+//! Only nodes holding the cluster secret complete the mutual-TLS handshake ([`crate::tls`]), and
+//! each certificate names its node: the dialer asks for the node it expects, the acceptor
+//! checks the name against the hello. A live link is never replaced by a second connection for
+//! the same peer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,7 +33,7 @@ use crate::engine::NodeId;
 use crate::membership::View;
 use crate::metrics::Metrics;
 use crate::node::Command;
-use crate::tls::{Credential, NODE_NAME};
+use crate::tls::{Credential, check_names_node, node_name};
 use crate::wire::{self, PeerFrame};
 
 type FrameReader = FramedRead<RecvStream, LengthDelimitedCodec>;
@@ -125,7 +128,20 @@ impl Links {
         engine: mpsc::Sender<Command>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Links>, PeerError> {
-        let cred = Credential::from_secret(secret)?;
+        let cred = Credential::for_node(secret, &me)?;
+        Links::start_with(me, cluster, bind, &cred, cfg, engine, metrics)
+    }
+
+    /// [`Links::start`] with a given credential (tests build ones that name another node).
+    pub(crate) fn start_with(
+        me: NodeId,
+        cluster: String,
+        bind: SocketAddr,
+        cred: &Credential,
+        cfg: QuicConfig,
+        engine: mpsc::Sender<Command>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Links>, PeerError> {
         let server_crypto = QuicServerConfig::try_from(cred.server_config()?)
             .map_err(|e| PeerError::Crypto(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
@@ -338,7 +354,7 @@ impl Links {
     ) -> anyhow::Result<(Connection, SendStream, FrameReader)> {
         let conn = self
             .endpoint
-            .connect_with(self.client.clone(), addr, NODE_NAME)?
+            .connect_with(self.client.clone(), addr, &node_name(expect))?
             .await?;
         let send = self.open_sender(&conn).await?;
         let (node, reader) = self.accept_reader(&conn).await?;
@@ -362,6 +378,14 @@ async fn accept_loop(links: Arc<Links>) {
             let result = tokio::time::timeout(HANDSHAKE, async {
                 let conn = incoming.await?;
                 let (node, reader) = links2.accept_reader(&conn).await?;
+                // The hello's node id must be the one the certificate names.
+                if let Err(why) = peer_certificate(&conn)
+                    .ok_or_else(|| "no certificate".to_string())
+                    .and_then(|cert| check_names_node(&cert, &node))
+                {
+                    conn.close(3u32.into(), b"identity mismatch");
+                    anyhow::bail!("peer says it is `{node}`: {why}");
+                }
                 anyhow::Ok((conn, node, reader))
             })
             .await;
@@ -384,6 +408,15 @@ async fn accept_loop(links: Arc<Links>) {
             }
         });
     }
+}
+
+/// The leaf certificate the peer presented on `conn`.
+fn peer_certificate(conn: &Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
 }
 
 async fn read_frames(links: Arc<Links>, node: NodeId, mut reader: FrameReader, conn: Connection) {
@@ -503,10 +536,13 @@ async fn run_peer(
                 }
                 reason = conn.closed() => break format!("closed: {reason}"),
                 c = incoming.recv() => {
-                    // The peer restarted and dialled again: the new connection wins.
-                    if let Some(c) = c { adopted = Some(c); }
-                    conn.close(0u32.into(), b"replaced");
-                    break "replaced by a newer connection".to_string();
+                    // A live link is never replaced: a second connection claiming this peer
+                    // is refused. (A peer that restarted gets in once the old link has closed,
+                    // at once after a graceful stop, within the idle timeout after a crash.)
+                    if let Some((newer, _)) = c {
+                        tracing::warn!(peer = %peer.id, remote = %newer.remote_address(), "refused a second connection for a peer whose link is up");
+                        newer.close(4u32.into(), b"link already up");
+                    }
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return };
@@ -577,17 +613,126 @@ mod tests {
     }
 
     fn links(id: &str, engine: mpsc::Sender<Command>) -> Arc<Links> {
+        links_named(id, id, engine)
+    }
+
+    /// Links of node `id` whose certificate names node `named`.
+    fn links_named(id: &str, named: &str, engine: mpsc::Sender<Command>) -> Arc<Links> {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        Links::start(
+        Links::start_with(
             Arc::from(id),
             "test".into(),
             any,
-            "secret",
+            &Credential::for_node("secret", named).unwrap(),
             QuicConfig::default(),
             engine,
             Arc::new(Metrics::new()),
         )
         .unwrap()
+    }
+
+    /// Waits for `PeerUp` of `node` on `rx`, at most `limit`; false if none came.
+    async fn peer_up(rx: &mut mpsc::Receiver<Command>, node: &str, limit: Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            loop {
+                match rx.recv().await {
+                    Some(Command::PeerUp { node: n }) if &*n == node => return,
+                    Some(_) => {}
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// The dialer asks for the node it expects: a peer whose certificate names another node
+    /// fails the handshake, and never counts as reachable.
+    #[tokio::test]
+    async fn a_dialer_refuses_a_certificate_for_another_node() {
+        let (tx1, mut rx1) = mpsc::channel(64);
+        let (tx2, mut rx2) = mpsc::channel(64);
+        let n1 = links("n1", tx1);
+        let fake = links_named("n2", "n3", tx2); // says n2, certified as n3
+        let v = view(vec![
+            member("n1", n1.local_addr()),
+            member("n2", fake.local_addr()),
+        ]);
+        n1.update(&v);
+        fake.update(&v);
+        assert!(!peer_up(&mut rx1, "n2", Duration::from_millis(1500)).await);
+        assert!(!peer_up(&mut rx2, "n1", Duration::from_millis(10)).await);
+        assert!(!n1.reachable("n2") && !n1.is_up("n2"));
+        n1.shutdown().await;
+        fake.shutdown().await;
+    }
+
+    /// The acceptor checks the hello against the certificate: a dialer that says it is `n0`
+    /// with a certificate for `n5` is refused.
+    #[tokio::test]
+    async fn an_acceptor_refuses_a_hello_its_certificate_does_not_name() {
+        let (tx1, mut rx1) = mpsc::channel(64);
+        let (tx0, _rx0) = mpsc::channel(64);
+        let n1 = links("n1", tx1);
+        let fake = links_named("n0", "n5", tx0);
+        let v = view(vec![
+            member("n0", fake.local_addr()),
+            member("n1", n1.local_addr()),
+        ]);
+        n1.update(&v);
+        fake.update(&v); // "n0" < "n1": the fake dials
+        assert!(!peer_up(&mut rx1, "n0", Duration::from_millis(1500)).await);
+        assert!(!n1.reachable("n0") && !n1.is_up("n0"));
+        // The same dial with a true certificate is accepted.
+        let (tx0b, _rx0b) = mpsc::channel(64);
+        let real = links("n0", tx0b);
+        let v = view(vec![
+            member("n0", real.local_addr()),
+            member("n1", n1.local_addr()),
+        ]);
+        n1.update(&v);
+        real.update(&v);
+        assert!(peer_up(&mut rx1, "n0", Duration::from_secs(10)).await);
+        for l in [n1, fake, real] {
+            l.shutdown().await;
+        }
+    }
+
+    /// A live link is never replaced by a second connection for the same node, even one with
+    /// a certificate that names it (which a holder of the secret can make).
+    #[tokio::test]
+    async fn a_live_link_is_not_taken_over() {
+        let (tx1, _rx1) = mpsc::channel(64);
+        let (tx2, mut rx2) = mpsc::channel(64);
+        let n1 = links("n1", tx1);
+        let n2 = links("n2", tx2);
+        let v = view(vec![
+            member("n1", n1.local_addr()),
+            member("n2", n2.local_addr()),
+        ]);
+        n1.update(&v);
+        n2.update(&v);
+        assert!(peer_up(&mut rx2, "n1", Duration::from_secs(10)).await);
+        // A second "n1" elsewhere dials n2.
+        let (tx3, mut rx3) = mpsc::channel(64);
+        let other = links("n1", tx3);
+        other.update(&view(vec![
+            member("n1", other.local_addr()),
+            member("n2", n2.local_addr()),
+        ]));
+        assert!(!peer_up(&mut rx3, "n2", Duration::from_millis(1500)).await);
+        let mut down = false;
+        while let Ok(cmd) = rx2.try_recv() {
+            down |= matches!(cmd, Command::PeerDown { .. } | Command::PeerUp { .. });
+        }
+        assert!(
+            !down,
+            "n2's link to the real n1 never went down or was replaced"
+        );
+        assert!(n1.is_up("n2") && n2.is_up("n1"));
+        for l in [n1, n2, other] {
+            l.shutdown().await;
+        }
     }
 
     /// A member that joins the view but never completes the handshake (here: a UDP port that

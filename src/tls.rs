@@ -3,7 +3,8 @@
 //! Every node derives the same Ed25519 CA key from the cluster secret (HKDF-SHA256 with its
 //! own label, [`crate::keys`]), then issues itself a fresh leaf certificate signed by that key.
 //! Both ends of a QUIC link require a certificate chaining to the CA (TLS 1.3, client auth
-//! required), so a process
+//! required), and each leaf names its node id ([`node_name`]): the dialer asks for the node it
+//! expects, the acceptor checks the name against the peer's hello. So a process
 //! without the secret can neither complete a handshake (to read or inject frames) nor pose as
 //! a node. The secret never leaves the process; changing it is a cluster-wide restart.
 
@@ -12,8 +13,34 @@ use std::sync::Arc;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// The name every node certificate carries and every client checks.
-pub const NODE_NAME: &str = "imgate-node";
+/// Domain under which a node's certificate names it (see [`node_name`]).
+pub const NODE_DOMAIN: &str = "node.imgate";
+
+/// The DNS name a node's certificate carries for node id `id`: the id's bytes in hex, in labels
+/// of at most 62 characters, under [`NODE_DOMAIN`] (`n1` is `6e31.node.imgate`). Hex keeps any
+/// node id a valid DNS name.
+pub fn node_name(id: &str) -> String {
+    let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+    let labels: Vec<&str> = hex
+        .as_bytes()
+        .chunks(62)
+        .map(|c| std::str::from_utf8(c).expect("hex is ASCII"))
+        .collect();
+    format!("{}.{NODE_DOMAIN}", labels.join("."))
+}
+
+/// Checks that `cert` (already verified to chain to the cluster CA by the handshake) names node
+/// `id`.
+///
+/// # Errors
+/// A message saying why not.
+pub fn check_names_node(cert: &CertificateDer<'_>, id: &str) -> Result<(), String> {
+    let name = rustls::pki_types::ServerName::try_from(node_name(id))
+        .map_err(|e| format!("node id `{id}` gives no DNS name: {e}"))?;
+    let cert = webpki::EndEntityCert::try_from(cert).map_err(|e| format!("certificate: {e}"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the certificate does not name node `{id}`"))
+}
 
 /// ALPN of the peer protocol.
 pub const ALPN: &[u8] = b"imgate-peer/1";
@@ -75,19 +102,20 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
-    /// Derives the CA from `secret` and issues a fresh leaf for this process.
+    /// Derives the CA from `secret` and issues a fresh leaf for node `node` of this process,
+    /// naming it ([`node_name`]).
     ///
     /// # Errors
     /// [`TlsError`] if certificate generation fails.
-    pub fn from_secret(secret: &str) -> Result<Credential, TlsError> {
+    pub fn for_node(secret: &str, node: &str) -> Result<Credential, TlsError> {
         let ca_key = ca_key(secret)?;
         let ca_params = ca_params();
         let ca = ca_params.self_signed(&ca_key)?;
         let leaf_key = KeyPair::generate()?;
-        let mut leaf_params = CertificateParams::new(vec![NODE_NAME.to_string()])?;
+        let mut leaf_params = CertificateParams::new(vec![node_name(node)])?;
         leaf_params
             .distinguished_name
-            .push(DnType::CommonName, NODE_NAME);
+            .push(DnType::CommonName, "imgate node");
         let issuer = Issuer::new(ca_params, ca_key);
         let leaf = leaf_params.signed_by(&leaf_key, &issuer)?;
         Ok(Credential {
@@ -166,8 +194,20 @@ mod tests {
 
     #[test]
     fn configs_build() {
-        let cred = Credential::from_secret("s").unwrap();
+        let cred = Credential::for_node("s", "n1").unwrap();
         cred.server_config().unwrap();
         cred.client_config().unwrap();
+    }
+
+    #[test]
+    fn a_leaf_names_its_node_only() {
+        assert_eq!(node_name("n1"), "6e31.node.imgate");
+        let long = "é".repeat(32); // 64 bytes, the longest node id
+        assert!(rustls::pki_types::ServerName::try_from(node_name(&long)).is_ok());
+        let cred = Credential::for_node("s", "n1").unwrap();
+        assert_eq!(check_names_node(&cred.leaf, "n1"), Ok(()));
+        for other in ["n2", "n10", "N1", "n"] {
+            assert!(check_names_node(&cred.leaf, other).is_err(), "{other}");
+        }
     }
 }
