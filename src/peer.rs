@@ -631,6 +631,36 @@ mod tests {
         .unwrap()
     }
 
+    /// A peer with another cluster secret never completes the handshake, in either role.
+    #[tokio::test]
+    async fn a_peer_with_another_secret_never_links() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (tx1, mut rx1) = mpsc::channel(64);
+        let (tx2, mut rx2) = mpsc::channel(64);
+        let n1 = links("n1", tx1);
+        let other = Links::start(
+            Arc::from("n2"),
+            "test".into(),
+            any,
+            "another-secret",
+            QuicConfig::default(),
+            tx2,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let v = view(vec![
+            member("n1", n1.local_addr()),
+            member("n2", other.local_addr()),
+        ]);
+        n1.update(&v);
+        other.update(&v);
+        assert!(!peer_up(&mut rx1, "n2", Duration::from_millis(1500)).await);
+        assert!(!peer_up(&mut rx2, "n1", Duration::from_millis(10)).await);
+        assert!(!n1.reachable("n2") && !other.reachable("n1"));
+        n1.shutdown().await;
+        other.shutdown().await;
+    }
+
     /// Waits for `PeerUp` of `node` on `rx`, at most `limit`; false if none came.
     async fn peer_up(rx: &mut mpsc::Receiver<Command>, node: &str, limit: Duration) -> bool {
         tokio::time::timeout(limit, async {

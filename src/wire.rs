@@ -224,6 +224,23 @@ pub fn check_preamble(bytes: &[u8; 5]) -> Result<(), WireError> {
 mod tests {
     use super::*;
 
+    /// A peer's length prefix of 4 GB, or a string length of 4 GB inside a frame, is refused
+    /// without allocating it.
+    #[test]
+    fn huge_lengths_are_refused_without_allocating() {
+        use tokio_util::codec::Decoder;
+        let mut codec = tokio_util::codec::LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_FRAME)
+            .new_codec();
+        let mut buf = BytesMut::from(&[0xFF, 0xFF, 0xFF, 0xFF, VERSION, 0, 0][..]);
+        assert!(codec.decode(&mut buf).is_err(), "4 GB length prefix");
+        // Deliver { tag: 7, hops: 0, msg.from: <length 2^32> ... }
+        let mut body = vec![VERSION, 1, 7, 0, 253];
+        body.extend_from_slice(&(1u64 << 32).to_le_bytes());
+        body.extend_from_slice(b"abc");
+        assert!(decode(Bytes::from(body)).is_err(), "4 GB string length");
+    }
+
     #[test]
     fn peer_messages_follow_the_client_rules() {
         let good = WireMessage {

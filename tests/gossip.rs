@@ -206,6 +206,11 @@ async fn forged_gossip_changes_nothing_and_gossip_keeps_working() {
             assert_eq!(&view.members[id], before, "{id} as {} sees it", n.node_id());
         }
     }
+    // No node ever answered the plain chitchat peers: they know nobody but themselves.
+    for h in [&fake, &giant, &impostor] {
+        let known = h.chitchat().lock().await.live_nodes().count();
+        assert_eq!(known, 1, "a plain chitchat peer learned of other nodes");
+    }
     let grown = peak_rss().saturating_sub(rss_before);
     assert!(grown < 48 << 20, "peak memory grew by {grown} bytes");
     println!(
