@@ -36,3 +36,18 @@ pub mod session;
 pub mod tls;
 pub mod up;
 pub mod wire;
+
+/// Resolves with the reason once `failure` holds one; never, if its sender is dropped first
+/// (the task that would report a failure ended on purpose, at shutdown).
+pub(crate) async fn first_failure(
+    mut failure: tokio::sync::watch::Receiver<Option<String>>,
+) -> String {
+    let why = failure
+        .wait_for(Option::is_some)
+        .await
+        .map(|why| why.clone().unwrap_or_default());
+    match why {
+        Ok(why) => why,
+        Err(_) => std::future::pending().await,
+    }
+}

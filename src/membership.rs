@@ -325,18 +325,7 @@ impl Membership {
 
     /// Resolves with the reason if gossip stops while the node is not shutting down.
     pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + use<> {
-        let mut failure = self.failure.clone();
-        async move {
-            let why = failure
-                .wait_for(Option::is_some)
-                .await
-                .map(|why| why.clone().unwrap_or_default());
-            match why {
-                Ok(why) => why,
-                // The watcher task is gone only after `shutdown`: never resolve then.
-                Err(_) => std::future::pending().await,
-            }
-        }
+        crate::first_failure(self.failure.clone())
     }
 
     /// Test hook: stops the gossip task as if it had died, without shutting the node down.

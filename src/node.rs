@@ -534,15 +534,7 @@ impl NodeHandle {
     /// stopped while it was not shutting down. The process should then exit (non-zero) so
     /// that its supervisor starts it again.
     pub async fn failed(&self) -> String {
-        let mut failed = self.failed.clone();
-        let why = failed
-            .wait_for(Option::is_some)
-            .await
-            .map(|why| why.clone().unwrap_or_default());
-        match why {
-            Ok(why) => why,
-            Err(_) => std::future::pending().await,
-        }
+        crate::first_failure(self.failed.clone()).await
     }
 
     /// Resolves when the node was asked to stop.

@@ -183,17 +183,7 @@ impl Links {
     /// Resolves with the reason if the QUIC endpoint stops while the node is not shutting
     /// down.
     pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + use<> {
-        let mut failure = self.failure.subscribe();
-        async move {
-            let why = failure
-                .wait_for(Option::is_some)
-                .await
-                .map(|why| why.clone().unwrap_or_default());
-            match why {
-                Ok(why) => why,
-                Err(_) => std::future::pending().await,
-            }
-        }
+        crate::first_failure(self.failure.subscribe())
     }
 
     /// The bound QUIC address.
@@ -648,17 +638,22 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .unwrap();
-        let v = view(vec![
-            member("n1", n1.local_addr()),
-            member("n2", other.local_addr()),
-        ]);
-        n1.update(&v);
-        other.update(&v);
+        introduce(&n1, &other);
         assert!(!peer_up(&mut rx1, "n2", Duration::from_millis(1500)).await);
         assert!(!peer_up(&mut rx2, "n1", Duration::from_millis(10)).await);
         assert!(!n1.reachable("n2") && !other.reachable("n1"));
         n1.shutdown().await;
         other.shutdown().await;
+    }
+
+    /// Gives `a` and `b` a view of the two of them.
+    fn introduce(a: &Arc<Links>, b: &Arc<Links>) {
+        let v = view(vec![
+            member(&a.me, a.local_addr()),
+            member(&b.me, b.local_addr()),
+        ]);
+        a.update(&v);
+        b.update(&v);
     }
 
     /// Waits for `PeerUp` of `node` on `rx`, at most `limit`; false if none came.
@@ -684,12 +679,7 @@ mod tests {
         let (tx2, mut rx2) = mpsc::channel(64);
         let n1 = links("n1", tx1);
         let fake = links_named("n2", "n3", tx2); // says n2, certified as n3
-        let v = view(vec![
-            member("n1", n1.local_addr()),
-            member("n2", fake.local_addr()),
-        ]);
-        n1.update(&v);
-        fake.update(&v);
+        introduce(&n1, &fake);
         assert!(!peer_up(&mut rx1, "n2", Duration::from_millis(1500)).await);
         assert!(!peer_up(&mut rx2, "n1", Duration::from_millis(10)).await);
         assert!(!n1.reachable("n2") && !n1.is_up("n2"));
@@ -705,23 +695,13 @@ mod tests {
         let (tx0, _rx0) = mpsc::channel(64);
         let n1 = links("n1", tx1);
         let fake = links_named("n0", "n5", tx0);
-        let v = view(vec![
-            member("n0", fake.local_addr()),
-            member("n1", n1.local_addr()),
-        ]);
-        n1.update(&v);
-        fake.update(&v); // "n0" < "n1": the fake dials
+        introduce(&n1, &fake); // "n0" < "n1": the fake dials
         assert!(!peer_up(&mut rx1, "n0", Duration::from_millis(1500)).await);
         assert!(!n1.reachable("n0") && !n1.is_up("n0"));
         // The same dial with a true certificate is accepted.
         let (tx0b, _rx0b) = mpsc::channel(64);
         let real = links("n0", tx0b);
-        let v = view(vec![
-            member("n0", real.local_addr()),
-            member("n1", n1.local_addr()),
-        ]);
-        n1.update(&v);
-        real.update(&v);
+        introduce(&n1, &real);
         assert!(peer_up(&mut rx1, "n0", Duration::from_secs(10)).await);
         for l in [n1, fake, real] {
             l.shutdown().await;
@@ -736,12 +716,7 @@ mod tests {
         let (tx2, mut rx2) = mpsc::channel(64);
         let n1 = links("n1", tx1);
         let n2 = links("n2", tx2);
-        let v = view(vec![
-            member("n1", n1.local_addr()),
-            member("n2", n2.local_addr()),
-        ]);
-        n1.update(&v);
-        n2.update(&v);
+        introduce(&n1, &n2);
         assert!(peer_up(&mut rx2, "n1", Duration::from_secs(10)).await);
         // A second "n1" elsewhere dials n2.
         let (tx3, mut rx3) = mpsc::channel(64);
@@ -803,24 +778,8 @@ mod tests {
         let (tx2, _rx2) = mpsc::channel(16);
         let n1 = links("n1", tx1);
         let n2 = links("n2", tx2);
-        let v = view(vec![
-            member("n1", n1.local_addr()),
-            member("n2", n2.local_addr()),
-        ]);
-        n1.update(&v);
-        n2.update(&v);
-        let up = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match rx1.recv().await {
-                    Some(Command::PeerUp { node }) => return node,
-                    Some(_) => {}
-                    None => panic!("links stopped"),
-                }
-            }
-        })
-        .await
-        .expect("the link comes up");
-        assert_eq!(&*up, "n2");
+        introduce(&n1, &n2);
+        assert!(peer_up(&mut rx1, "n2", Duration::from_secs(10)).await);
         assert!(n1.reachable("n2") && n1.is_up("n2"));
         assert!(n1.send(
             "n2",
