@@ -669,6 +669,11 @@ impl Engine {
         }
     }
 
+    /// Pushes to `session` waiting for its ack.
+    pub fn unacked(&self, session: SessionId) -> usize {
+        self.sessions.get(&session).map_or(0, |s| s.pending.len())
+    }
+
     /// Messages in delivery (pushed or held) on this node.
     pub fn deliveries_in_flight(&self) -> usize {
         self.deliveries.len()

@@ -227,6 +227,34 @@ fn duplicate_in_flight_gets_the_same_outcome_once_delivered() {
         ["s1 delivered m1 bob", "s1 delivered m1 bob"],
         "both sends end"
     );
+    // Nothing of m1 is left in flight for alice: a late outcome for it reaches no one.
+    h.engine
+        .outcome(1, "m1", "bob", Outcome::Delivered, &mut h.out);
+    assert!(h.take().is_empty(), "no third outcome");
+}
+
+#[test]
+fn duplicates_in_flight_join_up_to_a_bound() {
+    let mut cfg = test_cfg();
+    cfg.max_sessions_per_user = 1000;
+    let mut h = Harness::with(cfg);
+    h.open(2, "bob");
+    // Senders from many sessions (the per-session bound is not what is tested here).
+    let joiners = MAX_WAITERS + 1;
+    for s in 0..joiners as u64 {
+        h.open(10 + s, "alice");
+    }
+    assert_eq!(h.send(10, "m1", "bob"), ["s2 msg 1 alice m1"]);
+    for s in 1..MAX_WAITERS as u64 {
+        assert!(h.send(10 + s, "m1", "bob").is_empty(), "joins the delivery");
+    }
+    let last = 10 + MAX_WAITERS as u64;
+    assert_eq!(
+        h.send(last, "m1", "bob"),
+        [format!("s{last} failed m1 rate_limited")],
+        "one waiter too many"
+    );
+    assert_eq!(h.ack(2, 1).len(), MAX_WAITERS, "every joined send ends");
 }
 
 #[test]
@@ -236,6 +264,9 @@ fn duplicate_after_delivered_is_answered_from_the_window() {
     h.open(2, "bob");
     h.send(1, "m1", "bob");
     h.ack(2, 1);
+    assert_eq!(h.engine.dedup_len(), 1);
+    // Time passes within the window (timers run): still answered from it.
+    assert!(h.advance(1000).is_empty());
     assert_eq!(h.send(1, "m1", "bob"), ["s1 delivered m1 bob"]);
     // Another session of alice (ids are per user) is answered the same way.
     h.open(3, "alice");
@@ -308,7 +339,13 @@ fn fanned_out() -> Harness {
 #[test]
 fn fan_out_to_every_session_and_one_delivered() {
     let mut h = fanned_out();
+    assert_eq!((h.engine.unacked(2), h.engine.unacked(3)), (1, 1));
     assert_eq!(h.ack(3, 1), ["s1 delivered m1 bob"]);
+    assert_eq!(
+        (h.engine.unacked(2), h.engine.unacked(3)),
+        (0, 0),
+        "the other session's push ends with the delivery"
+    );
     assert!(h.ack(2, 1).is_empty(), "second ack is ignored");
     assert!(
         h.advance(10_000).is_empty(),
@@ -635,4 +672,22 @@ fn session_queries_name_the_live_sessions() {
     h.close(2);
     assert_eq!(h.engine.session_uid(2), None);
     assert_eq!(h.engine.session_count(), 1);
+}
+
+#[test]
+fn each_held_message_expires_on_its_own() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    assert!(h.send(1, "m1", "bob").is_empty());
+    assert_eq!(h.engine.deliveries_in_flight(), 1);
+    h.advance(1000);
+    assert!(h.send(1, "m2", "bob").is_empty());
+    assert_eq!(h.engine.metrics().held.get(), 2);
+    // m1's hold ends first; m2 stays held.
+    assert_eq!(h.advance(4000), ["s1 failed m1 offline"]);
+    assert_eq!(h.engine.metrics().held.get(), 1);
+    assert_eq!(h.engine.deliveries_in_flight(), 1);
+    assert_eq!(h.open(2, "bob"), ["s2 msg 1 alice m2"]);
+    assert_eq!(h.engine.metrics().held.get(), 0);
+    assert_eq!(h.ack(2, 1), ["s1 delivered m2 bob"]);
 }
