@@ -189,8 +189,12 @@ async fn join_moves_users_and_loses_nothing() {
     let staying = first_uid("stayer-", |u| &**future.primary(u).unwrap() != "n3");
     let mut mover = Client::login(&c.nodes[0].http_url(), &moving).await;
     let mut stayer = Client::login(&c.nodes[0].http_url(), &staying).await;
+    let version = c.nodes[0].shared().current_view().version();
     c.add_node().await;
     c.wait_converged(3).await;
+    let view = c.nodes[0].shared().current_view();
+    assert!(view.version() > version, "a join makes a new ring version");
+    assert_eq!(view.ring.nodes().len(), 3);
     let moved = mover.expect("moved").await;
     assert_eq!(moved["node"], "n3");
     assert_eq!(mover.close_code().await, Some(4001));
