@@ -115,7 +115,7 @@ pub fn check_member(id: &str, url: &str, http: &str) -> Result<(), &'static str>
         .or_else(|| url.strip_prefix("wss://"))
         .and_then(|rest| rest.strip_suffix("/ws"))
         .ok_or("url")?;
-    if !valid_host_port(authority) || url.len() > 512 {
+    if !valid_host_port(authority) {
         return Err("url");
     }
     if !valid_host_port(http) {
@@ -382,6 +382,11 @@ mod tests {
             ok("n1", "wss://chat.example.com:443/ws", "[::1]:80"),
             Ok(())
         );
+        // At the bounds: a 64-byte node id; a 255-byte host (so a URL stays short).
+        assert_eq!(ok(&"n".repeat(64), "ws://h:1/ws", "h:1"), Ok(()));
+        let host = "h".repeat(255);
+        assert_eq!(ok("n1", &format!("ws://{host}:1/ws"), "h:1"), Ok(()));
+        assert_eq!(ok("n1", &format!("ws://{host}h:1/ws"), "h:1"), Err("url"));
         for (id, url, http, bad) in [
             ("", "ws://h:1/ws", "h:1", "node id"),
             (&*"n".repeat(65), "ws://h:1/ws", "h:1", "node id"),
