@@ -383,10 +383,11 @@ mod tests {
             Ok(())
         );
         // At the bounds: a 64-byte node id; a 255-byte host (so a URL stays short).
-        assert_eq!(ok(&"n".repeat(64), "ws://h:1/ws", "h:1"), Ok(()));
-        let host = "h".repeat(255);
-        assert_eq!(ok("n1", &format!("ws://{host}:1/ws"), "h:1"), Ok(()));
-        assert_eq!(ok("n1", &format!("ws://{host}h:1/ws"), "h:1"), Err("url"));
+        let (id64, host) = ("n".repeat(64), "h".repeat(255));
+        let (url255, url256) = (format!("ws://{host}:1/ws"), format!("ws://{host}h:1/ws"));
+        assert_eq!(check_member(&id64, "ws://h:1/ws", "h:1"), Ok(()));
+        assert_eq!(check_member("n1", &url255, "h:1"), Ok(()));
+        assert_eq!(check_member("n1", &url256, "h:1"), Err("url"));
         for (id, url, http, bad) in [
             ("", "ws://h:1/ws", "h:1", "node id"),
             (&*"n".repeat(65), "ws://h:1/ws", "h:1", "node id"),
