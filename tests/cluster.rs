@@ -554,3 +554,34 @@ async fn a_malformed_deliver_from_a_peer_is_refused() {
     assert_eq!(m["id"], "ok", "only the good one arrives: {m}");
     c.shutdown().await;
 }
+
+/// A forward whose only waiter is a session that is gone does not count as work in flight, so
+/// a draining node does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_of_departed_sessions_are_not_waited_for() {
+    let c = Cluster::start_with(2, |cfg| cfg.delivery.ack_timeout_ms = 60_000).await;
+    c.wait_converged(2).await;
+    let a = owned_by(&c, "n1", "a");
+    let b = owned_by(&c, "n2", "b");
+    let mut alice = Client::login(&c.nodes[0].http_url(), &a).await;
+    let mut bob = Client::login(&c.nodes[1].http_url(), &b).await;
+    alice.send("m1", &b, json!(1)).await;
+    assert_eq!(bob.expect("msg").await["id"], "m1"); // never acked
+    let status = c.nodes[0].status().await.unwrap();
+    assert_eq!((status.sessions, status.forwards), (1, 1), "{status:?}");
+    drop(alice);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = c.nodes[0].status().await.unwrap();
+        if status.sessions == 0 {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice's session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status.forwards, 0, "{status:?}");
+    c.shutdown().await;
+}
