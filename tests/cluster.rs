@@ -585,3 +585,29 @@ async fn forwards_of_departed_sessions_are_not_waited_for() {
     assert_eq!(status.forwards, 0, "{status:?}");
     c.shutdown().await;
 }
+
+/// A link going down fails only the presence questions to that node: one in flight to another
+/// node is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_down_keeps_presence_questions_to_other_nodes() {
+    let c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let uid = owned_by(&c, "n3", "p");
+    let n1 = c.nodes[0].shared();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    // Both commands reach the driver before n3 can answer the question.
+    n1.engine
+        .send(Command::Presence { uid, reply })
+        .await
+        .unwrap();
+    n1.engine
+        .send(Command::PeerDown { node: "n2".into() })
+        .await
+        .unwrap();
+    let sessions = tokio::time::timeout(cluster_support::WAIT, answer)
+        .await
+        .expect("an answer in time")
+        .expect("the question to n3 was kept");
+    assert_eq!(sessions, 0);
+    c.shutdown().await;
+}
