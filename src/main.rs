@@ -110,21 +110,24 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(async move {
                 let node = imgate::node::start(cfg, &id).await?;
-                if let Some(ms) = std::env::var("IMGATE_TEST_STOP_GOSSIP_MS")
+                // Test hook (tests/process.rs): gossip dies this long after start.
+                let mut hook = std::env::var("IMGATE_TEST_STOP_GOSSIP_MS")
                     .ok()
                     .and_then(|v| v.parse::<u64>().ok())
-                {
-                    // Test hook (tests/process.rs): gossip dies after this long.
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                    node.membership().stop_gossip_task_for_test();
-                }
-                let degraded = tokio::select! {
-                    _ = stop_signal() => {
-                        tracing::info!("signal received, shutting down");
-                        None
+                    .map(|ms| Box::pin(tokio::time::sleep(std::time::Duration::from_millis(ms))));
+                let degraded = loop {
+                    tokio::select! {
+                        _ = stop_signal() => {
+                            tracing::info!("signal received, shutting down");
+                            break None;
+                        }
+                        _ = node.stopped() => break None,
+                        why = node.failed() => break Some(why),
+                        () = async { hook.as_mut().expect("guarded").await }, if hook.is_some() => {
+                            node.membership().stop_gossip_task_for_test();
+                            hook = None;
+                        }
                     }
-                    _ = node.stopped() => None,
-                    why = node.failed() => Some(why),
                 };
                 match degraded {
                     None => {
