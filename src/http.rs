@@ -218,7 +218,7 @@ async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
                 "gossip": m.gossip.to_string(),
                 "quic": m.quic.to_string(),
                 "live": true,
-                "reachable": me || s.links.reachable(&m.id),
+                "reachable": s.can_own(&m.id),
                 "self": me,
                 "generation": m.generation,
             })

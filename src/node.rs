@@ -323,10 +323,12 @@ impl Shared {
     /// link is up. The node is *ready* when this equals the member count: then every node of
     /// the view answers logins with the same owners this one does.
     pub fn reachable_members(&self, view: &View) -> usize {
-        view.members
-            .keys()
-            .filter(|m| **m == self.node_id || self.links.reachable(m))
-            .count()
+        view.members.keys().filter(|m| self.can_own(m)).count()
+    }
+
+    /// Whether `node` can own users from here: this node, or a peer whose link is up.
+    pub fn can_own(&self, node: &str) -> bool {
+        node == &*self.node_id || self.links.reachable(node)
     }
 
     /// Where a message to `uid` goes.

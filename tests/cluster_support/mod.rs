@@ -104,11 +104,7 @@ impl Cluster {
             let s = node.shared();
             wait_until(WAIT, || {
                 let view = s.current_view();
-                s.links.links_up() == n
-                    && view
-                        .members
-                        .keys()
-                        .all(|m| **m == *s.node_id || s.links.reachable(m))
+                s.links.links_up() == n && s.reachable_members(&view) == view.members.len()
             })
             .await;
         }
