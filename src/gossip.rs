@@ -32,6 +32,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::metrics::Metrics;
+use crate::session::now_ms;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -171,13 +172,6 @@ impl Sealer {
         self.order.push_back((id, now_ms));
         Ok(&body[HEADER..])
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// chitchat's transport with every datagram sealed and checked ([`Sealer`]).
