@@ -329,10 +329,11 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Claims as the node issues them, with chosen times.
+/// Claims as the node issues them, with chosen times (`iss` and `aud` as `Config::for_test`
+/// expects them: `imgate` and `imgate-local`).
 pub fn claims(uid: &str, iat: u64, nbf: u64, exp: u64) -> Value {
     json!({
-        "sub": uid, "iat": iat, "nbf": nbf, "exp": exp,
+        "sub": uid, "iat": iat, "nbf": nbf, "exp": exp, "iss": "imgate", "aud": "imgate-local",
         "jti": "0123456789abcdef0123456789abcdef", "node": "n1", "url": "ws://127.0.0.1:1/ws",
     })
 }
