@@ -761,7 +761,8 @@ async fn idle(target: Target, steps: Vec<usize>) -> anyhow::Result<Value> {
         Target::Relay => start_relay().await?,
     };
     let server = &servers.list[0];
-    let keys = imgate::auth::TokenKeys::new("dev-only-change-me", 7200, 30);
+    // The cluster id of proc_support's generated config is the tokens' audience.
+    let keys = imgate::auth::TokenKeys::new("dev-only-change-me", "imgate", "proc-test", 7200, 30);
     let base_rss = status_kib(server.pid(), "VmRSS:");
     let mut results = Vec::new();
     let mut opened = 0usize;

@@ -14,11 +14,21 @@ use serde::{Deserialize, Serialize};
 /// Largest uid, in bytes of UTF-8.
 pub const MAX_UID_BYTES: usize = 128;
 
-/// Checks the protocol's uid rule: 1 to 128 bytes of UTF-8, no control characters.
+/// The one sender id that is not a uid: messages pushed through the backend API.
+pub const SYSTEM_SENDER: &str = "$system";
+
+/// Checks the uid rule: 1 to 128 bytes of UTF-8; no control (Cc) or format (Cf: zero-width,
+/// bidi overrides) characters; not only whitespace; and, after NFKC normalization, no leading
+/// `$` (reserved for system senders, so `＄system` is refused as well as `$system`).
+///
+/// The uid is checked, never rewritten: `alice` and a look-alike stay two different uids, and
+/// what a client sends is exactly what other clients see. Room ids follow the same rule.
 ///
 /// # Errors
 /// A human message saying which part of the rule is broken.
 pub fn validate_uid(uid: &str) -> Result<(), &'static str> {
+    use icu_properties::CodePointMapData;
+    use icu_properties::props::GeneralCategory;
     if uid.is_empty() {
         return Err("uid must not be empty");
     }
@@ -28,7 +38,35 @@ pub fn validate_uid(uid: &str) -> Result<(), &'static str> {
     if uid.chars().any(char::is_control) {
         return Err("uid must not contain control characters");
     }
+    let category = CodePointMapData::<GeneralCategory>::new();
+    if uid
+        .chars()
+        .any(|c| category.get(c) == GeneralCategory::Format)
+    {
+        return Err("uid must not contain format characters (zero-width or bidi controls)");
+    }
+    if uid.chars().all(char::is_whitespace) {
+        return Err("uid must not be only whitespace");
+    }
+    let normalized = icu_normalizer::ComposingNormalizerBorrowed::new_nfkc().normalize(uid);
+    if normalized.starts_with('$') {
+        return Err(
+            "uids starting with `$` (after NFKC normalization) are reserved for system senders",
+        );
+    }
     Ok(())
+}
+
+/// Checks the sender of a message from a peer node: a uid, or exactly [`SYSTEM_SENDER`].
+///
+/// # Errors
+/// As [`validate_uid`].
+pub fn validate_sender(from: &str) -> Result<(), &'static str> {
+    if from == SYSTEM_SENDER {
+        Ok(())
+    } else {
+        validate_uid(from)
+    }
 }
 
 /// The claims of an imgate token.
@@ -42,6 +80,10 @@ pub struct Claims {
     pub nbf: u64,
     /// Expiry, unix seconds.
     pub exp: u64,
+    /// Issuer: `auth.issuer`.
+    pub iss: String,
+    /// Audience: the `cluster.id`, so a token of another cluster that shares the secret is refused.
+    pub aud: String,
     /// Unique token id.
     pub jti: String,
     /// Owner node at issue time.
@@ -62,7 +104,11 @@ pub enum TokenError {
     /// The token's `nbf` is in the future.
     #[error("token not valid yet")]
     NotYetValid,
-    /// Bad signature, wrong algorithm, malformed, or a claim missing.
+    /// Issued before a kick of its uid (`POST /api/kick`).
+    #[error("token revoked: its user was kicked after it was issued")]
+    Revoked,
+    /// Bad signature, wrong algorithm, malformed, a claim missing, or a lifetime longer than
+    /// this cluster issues.
     #[error("invalid token: {0}")]
     Invalid(String),
 }
@@ -73,7 +119,10 @@ pub struct TokenKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    issuer: String,
+    audience: String,
     ttl_s: u64,
+    leeway_s: u64,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -93,19 +142,30 @@ pub fn unix_now() -> u64 {
 }
 
 impl TokenKeys {
-    /// Keys for `secret`, tokens living `ttl_s` seconds, `leeway_s` of clock skew allowed.
-    pub fn new(secret: &str, ttl_s: u64, leeway_s: u64) -> TokenKeys {
+    /// Keys for `secret`; tokens name `issuer` and `audience` (the cluster id), live `ttl_s`
+    /// seconds, and `leeway_s` of clock skew is allowed.
+    pub fn new(secret: &str, issuer: &str, audience: &str, ttl_s: u64, leeway_s: u64) -> TokenKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = leeway_s;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "nbf", "iat", "sub"]);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iat", "sub", "iss", "aud"]);
         TokenKeys {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             validation,
+            issuer: issuer.to_string(),
+            audience: audience.to_string(),
             ttl_s,
+            leeway_s,
         }
+    }
+
+    /// The clock-skew leeway, in seconds.
+    pub fn leeway_s(&self) -> u64 {
+        self.leeway_s
     }
 
     /// Issues a token for `uid` owned by `node` at `url`, valid from `now` (unix seconds).
@@ -115,6 +175,8 @@ impl TokenKeys {
             iat: now,
             nbf: now,
             exp: now + self.ttl_s,
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
             jti: random_id(),
             node: node.to_string(),
             url: url.to_string(),
@@ -124,24 +186,49 @@ impl TokenKeys {
         (token, claims)
     }
 
-    /// Verifies a token's algorithm, signature, `exp` and `nbf`.
+    /// Verifies a token's algorithm, signature, `exp`, `nbf`, `iss` and `aud`, its `sub`
+    /// against the uid rule, and its lifetime: `iat` not in the future and `exp - iat` no
+    /// longer than this cluster issues (both with the leeway).
     ///
     /// # Errors
     /// [`TokenError`] saying why it is refused.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        self.verify_at(token, unix_now())
+    }
+
+    /// [`TokenKeys::verify`] with the lifetime checks made at `now` (unix seconds);
+    /// `exp`/`nbf` are checked by the JWT library against the system clock.
+    ///
+    /// # Errors
+    /// [`TokenError`] saying why it is refused.
+    pub fn verify_at(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
         use jsonwebtoken::errors::ErrorKind;
         match jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation) {
             Ok(data) => {
-                if validate_uid(&data.claims.sub).is_err() {
+                let c = data.claims;
+                if validate_uid(&c.sub).is_err() {
                     return Err(TokenError::Invalid("bad sub".into()));
                 }
-                Ok(data.claims)
+                if c.iat > now.saturating_add(self.leeway_s) {
+                    return Err(TokenError::Invalid("issued in the future".into()));
+                }
+                let longest = self.ttl_s.saturating_add(self.leeway_s);
+                if c.exp.saturating_sub(c.iat) > longest {
+                    return Err(TokenError::Invalid(format!(
+                        "lifetime longer than the {longest} s this cluster issues"
+                    )));
+                }
+                Ok(c)
             }
             Err(e) => Err(match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 ErrorKind::InvalidSignature => TokenError::Invalid("bad signature".into()),
                 ErrorKind::InvalidAlgorithm => TokenError::Invalid("algorithm not allowed".into()),
+                ErrorKind::InvalidIssuer => TokenError::Invalid("wrong issuer".into()),
+                ErrorKind::InvalidAudience => {
+                    TokenError::Invalid("wrong audience (cluster)".into())
+                }
                 ErrorKind::MissingRequiredClaim(c) => {
                     TokenError::Invalid(format!("missing claim {c}"))
                 }
@@ -176,6 +263,22 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
     Ok(Argon2::default()
         .hash_password(password.as_bytes(), &salt)?
         .to_string())
+}
+
+/// An argon2id hash of a random password with the parameters of `like` (a configured user's
+/// PHC string) or the defaults: checked against when a uid is unknown, so that unknown and
+/// known uids take the same time.
+pub fn decoy_hash(like: Option<&str>) -> String {
+    let params = like
+        .and_then(|p| PasswordHash::new(p).ok())
+        .and_then(|h| argon2::Params::try_from(&h).ok())
+        .unwrap_or_default();
+    let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut OsRng);
+    argon
+        .hash_password(random_id().as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
 }
 
 /// Checks `password` against a PHC string. A malformed hash never matches.
@@ -220,11 +323,67 @@ mod tests {
         assert!(validate_uid(&"a".repeat(129)).is_err());
         assert!(validate_uid("a\nb").is_err());
         assert!(validate_uid("a\u{7f}").is_err());
+        // Look-alikes of the system sender and invisible characters (review rows 11, 12).
+        for bad in [
+            "$system",
+            "\u{ff04}system",
+            "\u{200b}$system",
+            "\u{fe69}x",
+            "a\u{200b}b",
+            "\u{202e}bob",
+            "a\u{2066}b",
+            "\u{feff}alice",
+            " ",
+            "\u{3000}\u{a0}",
+        ] {
+            assert!(validate_uid(bad).is_err(), "{bad:?} must be refused");
+        }
+        for good in ["alice ", "a$b", "\u{0430}lice", "\u{ff41}lice", "日本"] {
+            assert!(validate_uid(good).is_ok(), "{good:?} must be accepted");
+        }
+        assert!(validate_sender(SYSTEM_SENDER).is_ok());
+        assert!(validate_sender("\u{ff04}system").is_err());
+        assert!(validate_sender("bob").is_ok());
+    }
+
+    #[test]
+    fn tokens_name_issuer_and_cluster_and_have_a_bounded_lifetime() {
+        let keys = TokenKeys::new("s3cret", "imgate", "c1", 7200, 30);
+        let now = unix_now();
+        let (tok, claims) = keys.issue("alice", "n1", "ws://h/ws", now);
+        assert_eq!((claims.iss.as_str(), claims.aud.as_str()), ("imgate", "c1"));
+        assert!(keys.verify(&tok).is_ok());
+        let other_cluster = TokenKeys::new("s3cret", "imgate", "c2", 7200, 30);
+        assert!(
+            matches!(other_cluster.verify(&tok), Err(TokenError::Invalid(m)) if m.contains("audience"))
+        );
+        let other_issuer = TokenKeys::new("s3cret", "sso", "c1", 7200, 30);
+        assert!(
+            matches!(other_issuer.verify(&tok), Err(TokenError::Invalid(m)) if m.contains("issuer"))
+        );
+        // A token living longer than this cluster issues (row 46).
+        let (long, _) =
+            TokenKeys::new("s3cret", "imgate", "c1", 7200 + 31, 30).issue("a", "n", "u", now);
+        assert!(
+            matches!(keys.verify(&long), Err(TokenError::Invalid(m)) if m.contains("lifetime"))
+        );
+        let (edge, _) =
+            TokenKeys::new("s3cret", "imgate", "c1", 7200 + 30, 30).issue("a", "n", "u", now);
+        assert!(keys.verify(&edge).is_ok());
+        // iat in the future beyond the leeway, even with a valid nbf (row 46).
+        let (tok, _) = keys.issue("a", "n", "u", now);
+        assert!(
+            matches!(keys.verify_at(&tok, now - 31), Err(TokenError::Invalid(m)) if m.contains("future"))
+        );
+        assert!(keys.verify_at(&tok, now - 30).is_ok());
+        // The uid rule applies to `sub` ($system with the right secret, row 43).
+        let (sys, _) = keys.issue("$system", "n", "u", now);
+        assert!(matches!(keys.verify(&sys), Err(TokenError::Invalid(_))));
     }
 
     #[test]
     fn token_round_trip_and_claims() {
-        let keys = TokenKeys::new("s3cret", 7200, 30);
+        let keys = TokenKeys::new("s3cret", "imgate", "c1", 7200, 30);
         let now = unix_now();
         let (tok, claims) = keys.issue("alice", "n1", "ws://h/ws", now);
         let back = keys.verify(&tok).unwrap();
@@ -238,16 +397,18 @@ mod tests {
 
     #[test]
     fn token_refusals() {
-        let keys = TokenKeys::new("s3cret", 7200, 30);
+        let keys = TokenKeys::new("s3cret", "imgate", "c1", 7200, 30);
         let now = unix_now();
-        let (expired, _) = TokenKeys::new("s3cret", 60, 30).issue("a", "n", "u", now - 200);
+        let (expired, _) =
+            TokenKeys::new("s3cret", "imgate", "c1", 60, 30).issue("a", "n", "u", now - 200);
         assert_eq!(keys.verify(&expired), Err(TokenError::Expired));
         let (future, _) = keys.issue("a", "n", "u", now + 600);
         assert_eq!(keys.verify(&future), Err(TokenError::NotYetValid));
         // Within the leeway both are accepted.
         let (soon, _) = keys.issue("a", "n", "u", now + 10);
         assert!(keys.verify(&soon).is_ok());
-        let (other, _) = TokenKeys::new("other", 7200, 30).issue("a", "n", "u", now);
+        let (other, _) =
+            TokenKeys::new("other", "imgate", "c1", 7200, 30).issue("a", "n", "u", now);
         assert!(matches!(keys.verify(&other), Err(TokenError::Invalid(_))));
         assert!(matches!(
             keys.verify("garbage"),

@@ -47,7 +47,9 @@ pub struct ClientConfig {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
-    /// Log in again when the token expires within this margin.
+    /// Log in again when the token expires within this margin; a live session gets a new
+    /// token (`refresh`) this long before its token expires (or at half its remaining life,
+    /// if that comes later), so that the node never closes it with 4004.
     pub relogin_margin: Duration,
     /// Attempts per send (same id) while it fails `unreachable`, `timeout` or `offline`;
     /// 1 means a `failed` is final.
@@ -441,6 +443,15 @@ struct Login {
     expires_at: u64,
 }
 
+impl Login {
+    /// When a session on this token should get a new one.
+    fn refresh_at(&self, margin: Duration) -> Instant {
+        let left = self.expires_at.saturating_sub(crate::auth::unix_now());
+        let lead = margin.as_secs().min(left / 2);
+        Instant::now() + Duration::from_secs(left - lead)
+    }
+}
+
 async fn login(http: &reqwest::Client, cfg: &ClientConfig, start: usize) -> Option<Login> {
     for i in 0..cfg.nodes.len() {
         let base = cfg.nodes[(start + i) % cfg.nodes.len()].trim_end_matches('/');
@@ -578,7 +589,16 @@ async fn run(
         }
         // 4. Serve the session.
         let reason = if ok {
-            serve(&cfg, &mut ws, &mut cmds, &incoming, &mut st, &mut session).await
+            serve(
+                &cfg,
+                &http,
+                &mut ws,
+                &mut cmds,
+                &incoming,
+                &mut st,
+                &mut session,
+            )
+            .await
         } else {
             Ended::Reconnect("write failed".into())
         };
@@ -612,6 +632,7 @@ type Ws =
 
 async fn serve(
     cfg: &ClientConfig,
+    http: &reqwest::Client,
     ws: &mut Ws,
     cmds: &mut mpsc::Receiver<Cmd>,
     incoming: &mpsc::Sender<Incoming>,
@@ -625,8 +646,42 @@ async fn serve(
     } = st;
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     let mut last_heard = Instant::now();
+    // A new token before this one expires: logged in on a task, so that the session goes on
+    // meanwhile, then handed to the node in a `refresh` frame.
+    let far = Duration::from_secs(366 * 86_400);
+    let refresh = tokio::time::sleep_until(
+        session
+            .as_ref()
+            .map_or(Instant::now() + far, |s| s.refresh_at(cfg.relogin_margin)),
+    );
+    tokio::pin!(refresh);
+    let mut relogin: Option<tokio::task::JoinHandle<Option<Login>>> = None;
     loop {
         tokio::select! {
+            _ = &mut refresh, if relogin.is_none() => {
+                let (http, cfg) = (http.clone(), cfg.clone());
+                let start = rand::random::<u32>() as usize;
+                relogin = Some(tokio::spawn(async move { login(&http, &cfg, start).await }));
+                refresh.as_mut().reset(Instant::now() + far);
+            }
+            fresh = async { relogin.as_mut().expect("guarded").await }, if relogin.is_some() => {
+                relogin = None;
+                match fresh.ok().flatten() {
+                    Some(new) => {
+                        let f = json!({"type": "refresh", "token": new.token});
+                        if ws.send(WsMessage::Text(f.to_string().into())).await.is_err() {
+                            return Ended::Reconnect("write failed".into());
+                        }
+                        if let Some(s) = session.as_mut() {
+                            s.token = new.token;
+                            s.expires_at = new.expires_at;
+                            refresh.as_mut().reset(s.refresh_at(cfg.relogin_margin));
+                        }
+                    }
+                    // No node answered: try again shortly; the session lives until expiry.
+                    None => refresh.as_mut().reset(Instant::now() + cfg.max_backoff),
+                }
+            }
             cmd = cmds.recv() => {
                 let Some(Cmd::Send { id, to, body, reply }) = cmd else { return Ended::Stop };
                 if pending.len() >= cfg.max_pending {

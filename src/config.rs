@@ -153,6 +153,9 @@ pub struct QuicConfig {
     pub idle_timeout_ms: u64,
     /// Frames queued towards one peer; beyond it forwards fail `unreachable`. Default 65536.
     pub peer_queue: usize,
+    /// Bytes of message bodies queued towards one peer; beyond it forwards fail
+    /// `unreachable`. Default 67108864 (64 MiB).
+    pub peer_queue_bytes: usize,
     /// Longest reconnect backoff, in milliseconds. Default 1000.
     pub max_backoff_ms: u64,
 }
@@ -175,6 +178,7 @@ impl Default for QuicConfig {
             keepalive_ms: 500,
             idle_timeout_ms: 2000,
             peer_queue: 65_536,
+            peer_queue_bytes: 64 << 20,
             max_backoff_ms: 1000,
         }
     }
@@ -202,6 +206,16 @@ pub struct AuthConfig {
     pub token_ttl_s: u64,
     /// Clock-skew leeway for `exp`/`nbf`, in seconds. Default 30.
     pub leeway_s: u64,
+    /// The `iss` claim of issued tokens; tokens naming another issuer are refused. Default `imgate`.
+    pub issuer: String,
+    /// Password checks (argon2) running at once in `users` mode. Default 4.
+    pub login_concurrency: usize,
+    /// `users`-mode logins waiting for a password check; more are refused with 503 `busy`.
+    /// Default 256.
+    pub login_queue: usize,
+    /// Kicks remembered at once (each for as long as the tokens it revokes could be valid);
+    /// more are refused with 503 `busy`. Default 10000.
+    pub max_kicks: usize,
     /// Users for `users` mode.
     pub users: Vec<UserEntry>,
 }
@@ -242,6 +256,9 @@ pub struct DeliveryConfig {
     pub max_held_per_user: usize,
     /// Most messages in delivery at once on a node (pushed or held); more fail `rate_limited`. Default 1000000.
     pub max_deliveries: usize,
+    /// Most bytes of message bodies in delivery at once on a node (pushed or held); more fail
+    /// `rate_limited`. Default 268435456 (256 MiB).
+    pub max_held_bytes: usize,
 }
 
 /// `[limits]`
@@ -267,6 +284,19 @@ pub struct LimitsConfig {
     pub max_sessions_per_user: usize,
     /// WebSocket sessions per node; more are refused with 503. Default 200000.
     pub max_sessions: usize,
+    /// Frames other than `send` (`ping`, `ack`, `refresh`, control frames, bad frames) per
+    /// second per session (token bucket, burst of the same size); over it they are answered
+    /// `error` `rate_limited`, and a session that goes on past another second's worth is
+    /// closed with 4008. Default 4 × `sends_per_second`.
+    pub other_frames_per_second: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// The per-session budget of frames other than `send`, per second.
+    pub fn other_frames_per_second(&self) -> u32 {
+        self.other_frames_per_second
+            .unwrap_or_else(|| self.sends_per_second.saturating_mul(4))
+    }
 }
 
 /// `[websocket]`
@@ -280,6 +310,9 @@ pub struct WebSocketConfig {
     /// Initial read buffer of a session, in bytes; larger frames grow it. Small keeps idle
     /// sessions cheap. Default 1024.
     pub read_buffer_bytes: usize,
+    /// Deadline of every write to a session's socket, in milliseconds: a socket that accepts
+    /// nothing for this long is closed (4002) and the session freed. Default 10000.
+    pub write_timeout_ms: u64,
 }
 
 /// `[http]`
@@ -290,6 +323,17 @@ pub struct HttpConfig {
     pub cors_origin: String,
     /// Bound on a graceful shutdown, in milliseconds. Default 10000.
     pub shutdown_timeout_ms: u64,
+    /// A request's headers must arrive within this many milliseconds of the connection
+    /// waiting for them (hyper's header read timeout); else the connection is closed. Default 10000.
+    pub header_timeout_ms: u64,
+    /// A request body must arrive within this many milliseconds; else 408 `timeout`. Default 30000.
+    pub body_timeout_ms: u64,
+    /// A connection with no request in progress and no bytes moving for this long is
+    /// closed, in milliseconds. Default 60000.
+    pub idle_timeout_ms: u64,
+    /// Open HTTP connections (WebSocket sessions included) at once; further ones are closed
+    /// at accept. Default 250000.
+    pub max_connections: usize,
 }
 
 /// One `[[nodes]]` entry.
@@ -327,6 +371,10 @@ impl Default for AuthConfig {
             jwt_secret: "dev-only-change-me".into(),
             token_ttl_s: 7200,
             leeway_s: 30,
+            issuer: "imgate".into(),
+            login_concurrency: 4,
+            login_queue: 256,
+            max_kicks: 10_000,
             users: Vec::new(),
         }
     }
@@ -350,6 +398,7 @@ impl Default for DeliveryConfig {
             max_dedup_entries: 200_000,
             max_held_per_user: 1000,
             max_deliveries: 1_000_000,
+            max_held_bytes: 256 << 20,
         }
     }
 }
@@ -366,6 +415,7 @@ impl Default for LimitsConfig {
             outbound_queue: 4096,
             max_sessions_per_user: 16,
             max_sessions: 200_000,
+            other_frames_per_second: None,
         }
     }
 }
@@ -376,6 +426,7 @@ impl Default for WebSocketConfig {
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
             read_buffer_bytes: 1024,
+            write_timeout_ms: 10_000,
         }
     }
 }
@@ -385,6 +436,10 @@ impl Default for HttpConfig {
         HttpConfig {
             cors_origin: "*".into(),
             shutdown_timeout_ms: 10_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 250_000,
         }
     }
 }
@@ -549,7 +604,10 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
-        if l.outbound_queue < l.max_inflight_per_session + self.delivery.max_held_per_user {
+        if l.outbound_queue
+            < l.max_inflight_per_session
+                .saturating_add(self.delivery.max_held_per_user)
+        {
             return Err(invalid(
                 "limits.outbound_queue",
                 "must be at least limits.max_inflight_per_session + delivery.max_held_per_user, \
@@ -588,6 +646,79 @@ impl Config {
                 "websocket.idle_timeout_ms",
                 "must be longer than websocket.ping_interval_ms",
             ));
+        }
+        let h = &self.http;
+        for (key, v) in [
+            ("http.header_timeout_ms", h.header_timeout_ms),
+            ("http.body_timeout_ms", h.body_timeout_ms),
+            ("http.idle_timeout_ms", h.idle_timeout_ms),
+            ("http.max_connections", h.max_connections as u64),
+            (
+                "websocket.write_timeout_ms",
+                self.websocket.write_timeout_ms,
+            ),
+            (
+                "delivery.max_held_bytes",
+                self.delivery.max_held_bytes as u64,
+            ),
+            ("quic.peer_queue_bytes", self.quic.peer_queue_bytes as u64),
+            ("auth.login_concurrency", self.auth.login_concurrency as u64),
+            ("auth.max_kicks", self.auth.max_kicks as u64),
+            (
+                "limits.other_frames_per_second",
+                u64::from(self.limits.other_frames_per_second()),
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        // Durations far beyond any sensible value would overflow clock arithmetic.
+        const DAY_MS: u64 = 86_400_000;
+        for (key, v) in [
+            ("delivery.ack_timeout_ms", self.delivery.ack_timeout_ms),
+            ("delivery.hold_ms", self.delivery.hold_ms),
+            (
+                "delivery.dedup_window_s",
+                self.delivery.dedup_window_s.saturating_mul(1000),
+            ),
+            (
+                "auth.token_ttl_s",
+                self.auth.token_ttl_s.saturating_mul(1000),
+            ),
+            ("auth.leeway_s", self.auth.leeway_s.saturating_mul(1000)),
+            (
+                "websocket.ping_interval_ms",
+                self.websocket.ping_interval_ms,
+            ),
+            ("websocket.idle_timeout_ms", self.websocket.idle_timeout_ms),
+            (
+                "websocket.write_timeout_ms",
+                self.websocket.write_timeout_ms,
+            ),
+            ("http.header_timeout_ms", h.header_timeout_ms),
+            ("http.body_timeout_ms", h.body_timeout_ms),
+            ("http.idle_timeout_ms", h.idle_timeout_ms),
+            ("http.shutdown_timeout_ms", h.shutdown_timeout_ms),
+            ("quic.keepalive_ms", self.quic.keepalive_ms),
+            ("quic.idle_timeout_ms", self.quic.idle_timeout_ms),
+            ("quic.max_backoff_ms", self.quic.max_backoff_ms),
+            ("gossip.interval_ms", self.gossip.interval_ms),
+            ("gossip.max_interval_ms", self.gossip.max_interval_ms),
+            (
+                "gossip.dead_grace_s",
+                self.gossip.dead_grace_s.saturating_mul(1000),
+            ),
+        ] {
+            if v > 7 * DAY_MS {
+                return Err(invalid(key, "must be at most 7 days"));
+            }
+        }
+        if self.delivery.max_retries > 1000 {
+            return Err(invalid("delivery.max_retries", "must be at most 1000"));
+        }
+        if self.auth.issuer.is_empty() {
+            return Err(invalid("auth.issuer", "must not be empty"));
         }
         if self.http.cors_origin.is_empty()
             || axum::http::HeaderValue::from_str(&self.http.cors_origin).is_err()

@@ -50,6 +50,8 @@ pub struct EngineConfig {
     pub max_held_per_user: usize,
     /// Most messages in delivery on this node.
     pub max_deliveries: usize,
+    /// Most bytes of bodies in delivery on this node.
+    pub max_held_bytes: usize,
     /// Most sends of one session waiting for an outcome.
     pub max_inflight_per_session: usize,
     /// Sends per second per session (bucket of the same size).
@@ -71,6 +73,7 @@ impl EngineConfig {
             max_dedup_entries: d.max_dedup_entries,
             max_held_per_user: d.max_held_per_user,
             max_deliveries: d.max_deliveries,
+            max_held_bytes: d.max_held_bytes,
             max_inflight_per_session: l.max_inflight_per_session,
             sends_per_second: l.sends_per_second,
             max_unacked_per_session: l.max_unacked_per_session,
@@ -143,6 +146,8 @@ pub enum CloseReason {
     SlowConsumer,
     /// The user opened more sessions than allowed; this was the oldest.
     Replaced,
+    /// The user was kicked (`POST /api/kick`); decided by the driver, never by the engine.
+    Kicked,
 }
 
 /// What the driver must do.
@@ -266,6 +271,8 @@ pub struct Engine {
     dedup_order: VecDeque<(Instant, DedupKey)>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     held_count: usize,
+    /// Sum of the body lengths of `deliveries`, for `max_held_bytes`.
+    delivery_bytes: usize,
     /// Sessions found over their un-acked bound, closed once the current input is done (closing
     /// in the middle of a fan-out would re-place the message onto sessions it is about to reach).
     slow: Vec<SessionId>,
@@ -292,6 +299,7 @@ impl Engine {
             dedup_order: VecDeque::new(),
             timers: BinaryHeap::new(),
             held_count: 0,
+            delivery_bytes: 0,
             slow: Vec::new(),
         }
     }
@@ -386,6 +394,13 @@ impl Engine {
         self.users.get(uid).map_or(0, |u| u.sessions.len())
     }
 
+    /// The live sessions of `uid`.
+    pub fn sessions_of(&self, uid: &str) -> Vec<SessionId> {
+        self.users
+            .get(uid)
+            .map_or_else(Vec::new, |u| u.sessions.to_vec())
+    }
+
     /// Every live session and its uid.
     pub fn sessions(&self) -> Vec<(SessionId, Arc<str>)> {
         self.sessions
@@ -419,6 +434,7 @@ impl Engine {
             let Some(d) = self.deliveries.remove(&did) else {
                 continue;
             };
+            self.delivery_bytes -= d.msg.body.get().len();
             if d.held_until.is_some() {
                 self.held_count -= 1;
             }
@@ -579,7 +595,10 @@ impl Engine {
             }
             None => {}
         }
-        if self.deliveries.len() >= self.cfg.max_deliveries {
+        let bytes = msg.body.get().len();
+        if self.deliveries.len() >= self.cfg.max_deliveries
+            || self.delivery_bytes + bytes > self.cfg.max_held_bytes
+        {
             self.metrics.failed(FailReason::RateLimited);
             self.report(waiter, &msg, Outcome::Failed(FailReason::RateLimited), out);
             return;
@@ -588,6 +607,8 @@ impl Engine {
         let did = self.next_delivery;
         self.next_delivery += 1;
         self.dedup.insert(key, Dedup::InFlight(did));
+        self.delivery_bytes += bytes;
+        self.metrics.delivery_bytes.set(self.delivery_bytes as i64);
         self.deliveries.insert(
             did,
             Delivery {
@@ -677,6 +698,11 @@ impl Engine {
     /// Messages in delivery (pushed or held) on this node.
     pub fn deliveries_in_flight(&self) -> usize {
         self.deliveries.len()
+    }
+
+    /// Bytes of bodies in delivery (pushed or held) on this node.
+    pub fn delivery_bytes(&self) -> usize {
+        self.delivery_bytes
     }
 
     /// Remembered `(from, id)` entries.
@@ -825,6 +851,8 @@ impl Engine {
         let Some(d) = self.deliveries.remove(&did) else {
             return;
         };
+        self.delivery_bytes -= d.msg.body.get().len();
+        self.metrics.delivery_bytes.set(self.delivery_bytes as i64);
         for (session, seq) in &d.pushes {
             if let Some(s) = self.sessions.get_mut(session) {
                 s.pending.remove(seq);

@@ -16,6 +16,7 @@ fn test_cfg() -> EngineConfig {
         max_dedup_entries: 1000,
         max_held_per_user: 100,
         max_deliveries: 10_000,
+        max_held_bytes: 1 << 30,
         max_inflight_per_session: 256,
         sends_per_second: 1000,
         max_unacked_per_session: 1000,
@@ -496,6 +497,33 @@ fn node_wide_delivery_bound() {
     h.send(1, "a", "bob");
     h.send(1, "b", "bob");
     assert_eq!(h.send(1, "c", "bob"), ["s1 failed c rate_limited"]);
+}
+
+#[test]
+fn node_wide_byte_bound_counts_pushed_and_held_bodies() {
+    // Bodies are the ids as JSON strings: `"a"` is 3 bytes.
+    let mut cfg = test_cfg();
+    cfg.max_held_bytes = 6;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    h.open(2, "bob");
+    assert_eq!(h.send(1, "a", "bob"), ["s2 msg 1 alice a"]);
+    // Held for an offline user: counted too.
+    assert!(h.send(1, "b", "carol").is_empty());
+    assert_eq!(h.engine.delivery_bytes(), 6);
+    assert_eq!(h.send(1, "c", "bob"), ["s1 failed c rate_limited"]);
+    // An ack frees the bytes of its message...
+    assert_eq!(h.ack(2, 1), ["s1 delivered a bob"]);
+    assert_eq!(h.engine.delivery_bytes(), 3);
+    assert_eq!(h.send(1, "d", "bob"), ["s2 msg 2 alice d"]);
+    // ... and so does handing held messages over to another node.
+    assert_eq!(h.engine.take_held("carol").len(), 1);
+    assert_eq!(h.engine.delivery_bytes(), 3);
+    assert_eq!(h.send(1, "e", "bob"), ["s2 msg 3 alice e"]);
+    assert_eq!(h.engine.delivery_bytes(), 6);
+    // Failures free them as well.
+    h.advance(60_000);
+    assert_eq!(h.engine.delivery_bytes(), 0);
 }
 
 #[test]

@@ -86,6 +86,7 @@ pub fn router(shared: Arc<Shared>, tracker: TaskTracker) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/push", post(api_push))
         .route("/api/presence/{uid}", get(api_presence))
+        .route("/api/kick", post(api_kick))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), cors))
@@ -155,6 +156,7 @@ async fn json_errors(req: Request, next: Next) -> Response {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::UPGRADE_REQUIRED => "upgrade_required",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
         _ => "error",
     };
     let mut out = ApiError::new(status, code, detail).into_response();
@@ -293,21 +295,50 @@ fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String
     serde_json::from_slice(bytes).map_err(|e| e.to_string())
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
+/// Reads a request body of at most `limit` bytes within `http.body_timeout_ms`. A
+/// `Content-Length` over the limit is refused before any of the body is read.
+async fn read_body(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("request body over the limit of {limit} bytes"),
         )
-    })
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let within = Duration::from_millis(shared.cfg.http.body_timeout_ms);
+    match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                shared.cfg.http.body_timeout_ms
+            ),
+        )),
+    }
 }
 
-/// An argon2 hash of a random password, verified against when the uid is unknown so that
-/// unknown and known uids take the same time.
-fn decoy_hash() -> &'static str {
-    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DECOY.get_or_init(|| crate::auth::hash_password(&random_id()).expect("hashing a random id"))
+/// Holds a place in the `users`-mode login queue; gives it back when dropped.
+struct LoginSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for LoginSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn login(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
@@ -325,7 +356,13 @@ async fn do_login(
     body: Body,
 ) -> Result<serde_json::Value, ApiError> {
     let kind = body_kind(headers)?;
-    let bytes = read_body(body, shared.cfg.limits.max_login_body_bytes).await?;
+    let bytes = read_body(
+        shared,
+        headers,
+        body,
+        shared.cfg.limits.max_login_body_bytes,
+    )
+    .await?;
     let parsed: LoginBody = match kind {
         BodyKind::Json => json_object(&bytes).map_err(|e| {
             ApiError::bad_request(format!(
@@ -340,17 +377,26 @@ async fn do_login(
         .or(parsed.id)
         .ok_or_else(|| ApiError::bad_request("uid is required"))?;
     validate_uid(&uid).map_err(ApiError::bad_request)?;
-    if uid.starts_with('$') {
-        return Err(ApiError::bad_request(
-            "uids starting with `$` are reserved for system senders",
-        ));
-    }
     if shared.cfg.auth.mode == AuthMode::Users {
         let password = parsed
             .password
             .ok_or_else(|| ApiError::bad_request("password is required"))?;
         let entry = shared.cfg.auth.users.iter().find(|u| u.uid == uid);
-        let hash = entry.map_or_else(|| decoy_hash().to_string(), |u| u.password_hash.clone());
+        let hash = entry.map_or_else(|| shared.decoy_hash.clone(), |u| u.password_hash.clone());
+        // A bounded queue: a flood of logins is answered 503 at once instead of making every
+        // honest login wait behind it.
+        let waiting = shared
+            .login_waiters
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _slot = LoginSlot(&shared.login_waiters);
+        if waiting >= shared.cfg.auth.login_concurrency + shared.cfg.auth.login_queue {
+            shared.metrics.logins_busy.inc();
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many logins waiting for a password check; try again shortly",
+            ));
+        }
         let _permit = shared
             .password_checks
             .acquire()
@@ -419,16 +465,28 @@ async fn ws_upgrade(
 ) -> Response {
     let shared = state.shared.clone();
     let token = token_from(uri.query(), &headers);
-    let claims = match token
+    let checked = token
         .ok_or(TokenError::Missing)
         .and_then(|t| shared.tokens.verify(&t))
-    {
+        .and_then(|c| {
+            if shared.kicks.revokes(&c.sub, c.iat) {
+                Err(TokenError::Revoked)
+            } else if shared.cfg.auth.mode == AuthMode::Users
+                && !shared.cfg.auth.users.iter().any(|u| u.uid == c.sub)
+            {
+                Err(TokenError::Invalid("uid not in auth.users".into()))
+            } else {
+                Ok(c)
+            }
+        });
+    let claims = match checked {
         Ok(c) => c,
         Err(e) => {
             let code = match e {
                 TokenError::Missing => "missing_token",
                 TokenError::Expired => "token_expired",
                 TokenError::NotYetValid => "token_not_yet_valid",
+                TokenError::Revoked => "token_revoked",
                 TokenError::Invalid(_) => "invalid_token",
             };
             return ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string()).into_response();
@@ -452,7 +510,9 @@ async fn ws_upgrade(
         Some(owner) if owner.node == shared.node_id => {}
         Some(owner) => {
             let (url, node) = (owner.url.to_string(), owner.node.to_string());
-            return upgrade.on_upgrade(move |socket| crate::session::send_moved(socket, url, node));
+            let deadline = Duration::from_millis(shared.cfg.websocket.write_timeout_ms);
+            return upgrade
+                .on_upgrade(move |socket| crate::session::send_moved(socket, url, node, deadline));
         }
         None => {
             return ApiError::new(
@@ -488,7 +548,7 @@ async fn ws_upgrade(
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
         })
-        .on_upgrade(move |socket| tracker.track_future(crate::session::run(shared, socket, uid)))
+        .on_upgrade(move |socket| tracker.track_future(crate::session::run(shared, socket, claims)))
 }
 
 // ----- backend API --------------------------------------------------------------------------
@@ -501,13 +561,13 @@ fn check_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
             "missing Authorization: Bearer <api key>",
         )
     })?;
-    let ok = shared
-        .cfg
-        .api
-        .keys
-        .iter()
-        .any(|k| constant_time_eq(k.as_bytes(), given.as_bytes()));
-    if ok {
+    // Compared as SHA-256 digests, every key, without stopping early: the time taken says
+    // nothing about how much of a key was right, or which key.
+    let given = sha256(given.as_bytes());
+    let matches = shared.cfg.api.keys.iter().fold(0u8, |acc, k| {
+        acc | u8::from(constant_time_eq(&sha256(k.as_bytes()), &given))
+    });
+    if matches == 1 {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -518,8 +578,13 @@ fn check_api_key(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Deserialize)]
@@ -548,14 +613,15 @@ async fn api_push(
         ));
     }
     let limit = shared.cfg.limits.max_body_bytes + shared.cfg.limits.max_login_body_bytes;
-    let bytes = read_body(body, limit).await?;
+    let bytes = read_body(shared, &headers, body, limit).await?;
     let req: PushBody = json_object(&bytes)
         .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
     let to = match req.to {
         Some(serde_json::Value::String(s)) if validate_uid(&s).is_ok() => s,
         _ => {
             return Err(ApiError::bad_request(
-                "`to` must be a uid: 1 to 128 bytes, no control characters",
+                "`to` must be a uid: 1 to 128 bytes, no control or format characters, not \
+                 starting with `$`",
             ));
         }
     };
@@ -587,7 +653,7 @@ async fn api_push(
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
     let (reply, outcome) = oneshot::channel();
     let msg = Message {
-        from: Arc::from("$system"),
+        from: Arc::from(crate::auth::SYSTEM_SENDER),
         id: Arc::from(id.as_str()),
         to: Arc::from(to.as_str()),
         body,
@@ -616,13 +682,30 @@ async fn api_push(
     })
 }
 
+/// Refuses a path whose percent-encoding is malformed (`%ZZ`, a `%` at the end): the router
+/// would otherwise take it literally.
+fn check_percent_encoding(uri: &axum::http::Uri) -> Result<(), ApiError> {
+    let path = uri.path().as_bytes();
+    let bad = path.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(path.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && path.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad {
+        return Err(ApiError::bad_request("badly encoded path"));
+    }
+    Ok(())
+}
+
 async fn api_presence(
     State(state): State<AppState>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     Path(uid): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shared = &state.shared;
     check_api_key(shared, &headers)?;
+    check_percent_encoding(&uri)?;
     validate_uid(&uid).map_err(ApiError::bad_request)?;
     let owner = shared.owner_of(&uid).ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node")
@@ -654,4 +737,77 @@ async fn api_presence(
         "node": &*owner.node,
         "sessions": sessions,
     })))
+}
+
+#[derive(Deserialize)]
+struct KickBody {
+    uid: Option<serde_json::Value>,
+}
+
+/// `POST /api/kick` `{"uid"}`: revokes the uid's tokens issued up to now, cluster-wide, and
+/// closes its sessions (4005). Answers how many sessions its owner closed.
+async fn api_kick(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let shared = &state.shared;
+    check_api_key(shared, &headers)?;
+    if body_kind(&headers)? != BodyKind::Json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json",
+        ));
+    }
+    let bytes = read_body(
+        shared,
+        &headers,
+        body,
+        shared.cfg.limits.max_login_body_bytes,
+    )
+    .await?;
+    let req: KickBody = json_object(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
+    let uid = match req.uid {
+        Some(serde_json::Value::String(s)) if validate_uid(&s).is_ok() => s,
+        _ => return Err(ApiError::bad_request("`uid` must be a uid")),
+    };
+    let at = unix_now();
+    shared.kicks.record(&uid, at, at).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!(
+                "{e}: at most auth.max_kicks = {}",
+                shared.cfg.auth.max_kicks
+            ),
+        )
+    })?;
+    let (reply, answer) = oneshot::channel();
+    let kick = Command::Kick {
+        uid: Arc::from(uid.as_str()),
+        at,
+        reply: Some(reply),
+    };
+    shared
+        .engine
+        .send(kick)
+        .await
+        .map_err(|_| ApiError::stopping())?;
+    let sessions = match tokio::time::timeout(Duration::from_secs(3), answer).await {
+        Ok(Ok(n)) => n,
+        _ => {
+            // The kick holds (every node refuses the revoked tokens once gossip reaches it);
+            // only the owner's sessions could not be closed now. Asking again is harmless.
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unreachable",
+                "the kick is recorded, but the user's owner could not be asked to close its \
+                 sessions; try again",
+            ));
+        }
+    };
+    tracing::info!(%uid, at, sessions, "kick");
+    Ok(Json(json!({"uid": uid, "sessions": sessions})))
 }

@@ -80,6 +80,38 @@ pub struct SelfInfo {
     pub quic: SocketAddr,
 }
 
+/// Gossips this node's kicks (`kick:<uid>` = `at` in its own state).
+#[derive(Clone)]
+pub struct KickGossip(Arc<tokio::sync::Mutex<chitchat::Chitchat>>);
+
+impl std::fmt::Debug for KickGossip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KickGossip")
+    }
+}
+
+impl KickGossip {
+    /// Gossips a kick under this node's own key, so that it outlives any other node.
+    pub async fn publish(&self, uid: &str, at: u64) {
+        let key = format!("{}{uid}", crate::kicks::KEY_PREFIX);
+        self.0
+            .lock()
+            .await
+            .self_node_state()
+            .set(key, at.to_string());
+    }
+
+    /// Stops gossiping a kick whose keeping time is over.
+    pub async fn forget(&self, uid: &str) {
+        let key = format!("{}{uid}", crate::kicks::KEY_PREFIX);
+        let mut chitchat = self.0.lock().await;
+        let state = chitchat.self_node_state();
+        if state.get(&key).is_some() {
+            state.delete(&key);
+        }
+    }
+}
+
 /// A running membership.
 pub struct Membership {
     handle: Option<ChitchatHandle>,
@@ -184,6 +216,7 @@ impl Membership {
         me: SelfInfo,
         gossip: SocketAddr,
         metrics: Arc<crate::metrics::Metrics>,
+        kicks: Arc<crate::kicks::Kicks>,
     ) -> anyhow::Result<Membership> {
         let gossip_addr = if gossip.port() == 0 {
             StdUdpSocket::bind(gossip)?.local_addr()?
@@ -230,6 +263,24 @@ impl Membership {
         ];
         let transport = AuthTransport::new(&cfg.cluster.secret, &cfg.cluster.id, metrics);
         let handle = spawn_chitchat(chitchat_cfg, kvs, &transport).await?;
+        // Kicks gossiped by any member (the callback runs under chitchat's lock: it only
+        // records; the node's kick task acts on what is new).
+        handle
+            .chitchat()
+            .lock()
+            .await
+            .subscribe_event(crate::kicks::KEY_PREFIX, move |event| {
+                let Ok(at) = event.value.parse::<u64>() else {
+                    return;
+                };
+                if crate::auth::validate_uid(event.key).is_err() {
+                    return;
+                }
+                if let Err(e) = kicks.record(event.key, at, crate::auth::unix_now()) {
+                    tracing::warn!(uid = %event.key, error = %e, "gossiped kick not remembered");
+                }
+            })
+            .forever();
         let mut live = handle.chitchat().lock().await.live_nodes_watcher();
         let vnodes = cfg.cluster.vnodes;
         // This node is a member from the first instant (chitchat's live set may only list it
@@ -321,6 +372,11 @@ impl Membership {
             stop,
             failure,
         })
+    }
+
+    /// The handle through which kicks are gossiped.
+    pub fn kick_gossip(&self) -> Option<KickGossip> {
+        self.handle.as_ref().map(|h| KickGossip(h.chitchat()))
     }
 
     /// Resolves with the reason if gossip stops while the node is not shutting down.

@@ -56,6 +56,26 @@ pub struct Metrics {
     /// Live gossip members, this node included.
     pub gossip_members: Gauge,
     gossip_rejected: [Counter; 6],
+    /// Open HTTP connections (WebSocket sessions included).
+    pub http_connections: Gauge,
+    /// HTTP connections closed at accept because `http.max_connections` were open.
+    pub http_connections_refused: Counter,
+    /// Sessions closed because a write to their socket missed `websocket.write_timeout_ms`.
+    pub write_timeouts: Counter,
+    /// Client frames other than `send` refused by the per-session budget.
+    pub frames_rate_limited: Counter,
+    /// Sessions closed (4008) for going on past their frame budget.
+    pub sessions_flooding: Counter,
+    /// Sessions closed (4004) at the expiry of their token.
+    pub sessions_expired: Counter,
+    /// Kicks remembered (each revokes the older tokens of one uid).
+    pub kicks: Gauge,
+    /// Bytes of message bodies in delivery on this node (held or pushed).
+    pub delivery_bytes: Gauge,
+    /// Bytes of message bodies queued towards peer nodes, all peers together.
+    pub peer_queue_bytes: Gauge,
+    /// `users`-mode logins refused with 503 `busy` (the password-check queue was full).
+    pub logins_busy: Counter,
     /// Seconds from taking a message to its first ack.
     pub delivery_latency: Histogram,
     /// Seconds from forwarding a message to another node until its outcome came back.
@@ -158,6 +178,62 @@ impl Metrics {
             "Live gossip members, this node included",
             gossip_members.clone(),
         );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let http_connections = gauge(
+            &mut registry,
+            "http_connections",
+            "Open HTTP connections, WebSocket sessions included",
+        );
+        let http_connections_refused = counter(
+            &mut registry,
+            "http_connections_refused",
+            "HTTP connections closed at accept (http.max_connections)",
+        );
+        let write_timeouts = counter(
+            &mut registry,
+            "write_timeouts",
+            "Sessions closed because a socket write missed websocket.write_timeout_ms",
+        );
+        let frames_rate_limited = counter(
+            &mut registry,
+            "frames_rate_limited",
+            "Client frames other than send refused by the per-session budget",
+        );
+        let sessions_flooding = counter(
+            &mut registry,
+            "sessions_flooding",
+            "Sessions closed (4008) for going on past their frame budget",
+        );
+        let sessions_expired = counter(
+            &mut registry,
+            "sessions_expired",
+            "Sessions closed (4004) when their token expired",
+        );
+        let kicks = gauge(&mut registry, "kicks", "Kicks remembered");
+        let delivery_bytes = gauge(
+            &mut registry,
+            "delivery_bytes",
+            "Bytes of message bodies in delivery on this node",
+        );
+        let peer_queue_bytes = gauge(
+            &mut registry,
+            "peer_queue_bytes",
+            "Bytes of message bodies queued towards peer nodes",
+        );
+        let logins_busy = counter(
+            &mut registry,
+            "logins_busy",
+            "Logins refused with 503 busy (password-check queue full)",
+        );
         let delivery_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
             "delivery_latency_seconds",
@@ -189,6 +265,16 @@ impl Metrics {
             quic_peers,
             gossip_members,
             gossip_rejected,
+            http_connections,
+            http_connections_refused,
+            write_timeouts,
+            frames_rate_limited,
+            sessions_flooding,
+            sessions_expired,
+            kicks,
+            delivery_bytes,
+            peer_queue_bytes,
+            logins_busy,
             delivery_latency,
             forward_latency,
         }

@@ -152,17 +152,24 @@ pub struct Outbox {
     pub frames: Arc<FrameQueue>,
     /// End the session.
     pub end: oneshot::Sender<SessionEnd>,
+    /// `iat` of the token the session lives on now (a `refresh` moves it), for kicks.
+    pub token_iat: Arc<AtomicU64>,
 }
 
 impl Outbox {
-    /// A new outbox of `capacity` frames and the session's receiving ends.
-    pub fn new(capacity: usize) -> (Outbox, Arc<FrameQueue>, oneshot::Receiver<SessionEnd>) {
+    /// A new outbox of `capacity` frames for a session whose token's `iat` is in `token_iat`,
+    /// and the session's receiving ends.
+    pub fn new(
+        capacity: usize,
+        token_iat: Arc<AtomicU64>,
+    ) -> (Outbox, Arc<FrameQueue>, oneshot::Receiver<SessionEnd>) {
         let frames = Arc::new(FrameQueue::new(capacity));
         let (end, end_rx) = oneshot::channel();
         (
             Outbox {
                 frames: frames.clone(),
                 end,
+                token_iat,
             },
             frames,
             end_rx,
@@ -213,6 +220,17 @@ pub enum Command {
         msg: Message,
         /// Where the outcome goes.
         reply: oneshot::Sender<Outcome>,
+    },
+    /// `uid` was kicked at `at`: close its sessions whose token is revoked. With `reply`
+    /// (from the API), the owner is asked and answers how many it closed; without (a kick
+    /// learnt from gossip), only this node's sessions are closed.
+    Kick {
+        /// The uid.
+        uid: Arc<str>,
+        /// Kick time, unix seconds.
+        at: u64,
+        /// The answer (dropped if the owner cannot be asked).
+        reply: Option<oneshot::Sender<usize>>,
     },
     /// How many sessions `uid` has at its owner.
     Presence {
@@ -288,6 +306,13 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Bounds concurrent argon2 verifications (each takes ~19 MiB).
     pub password_checks: Semaphore,
+    /// `users`-mode logins waiting for or running a password check, for `auth.login_queue`.
+    pub login_waiters: AtomicUsize,
+    /// Kicks: tokens revoked cluster-wide.
+    pub kicks: Arc<crate::kicks::Kicks>,
+    /// In `users` mode, the hash checked for unknown uids (built at start, with the
+    /// parameters of the configured hashes); empty otherwise.
+    pub decoy_hash: String,
     /// Live WebSocket sessions, for `limits.max_sessions`.
     pub live_sessions: AtomicUsize,
     /// The membership view.
@@ -414,13 +439,30 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         http: advertised.clone(),
         quic: links.local_addr(),
     };
-    let membership = Membership::start(&cfg, me, node_cfg.gossip, metrics.clone())
+    let kicks = Arc::new(crate::kicks::Kicks::new(
+        cfg.auth
+            .token_ttl_s
+            .saturating_add(cfg.auth.leeway_s.saturating_mul(2)),
+        cfg.auth.max_kicks,
+    ));
+    let shared_login_concurrency = cfg.auth.login_concurrency;
+    let decoy_hash = if cfg.auth.mode == crate::config::AuthMode::Users {
+        let like = cfg.auth.users.first().map(|u| u.password_hash.clone());
+        tokio::task::spawn_blocking(move || crate::auth::decoy_hash(like.as_deref()))
+            .await
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let membership = Membership::start(&cfg, me, node_cfg.gossip, metrics.clone(), kicks.clone())
         .await
         .map_err(|e| NodeError::Gossip(format!("{e:#}")))?;
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared {
         tokens: TokenKeys::new(
             &cfg.auth.jwt_secret,
+            &cfg.auth.issuer,
+            &cfg.cluster.id,
             cfg.auth.token_ttl_s,
             cfg.auth.leeway_s,
         ),
@@ -431,7 +473,10 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         metrics: metrics.clone(),
         engine: engine_tx,
         shutdown: shutdown.clone(),
-        password_checks: Semaphore::new(4),
+        password_checks: Semaphore::new(shared_login_concurrency),
+        login_waiters: AtomicUsize::new(0),
+        kicks: kicks.clone(),
+        decoy_hash,
         live_sessions: AtomicUsize::new(0),
         view: membership.view(),
         links,
@@ -465,20 +510,18 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
     );
     let driver = Driver::new(engine, shared.clone());
     tracker.spawn(driver.run(engine_rx, membership.view(), shutdown.clone()));
+    if let Some(gossip) = membership.kick_gossip() {
+        tracker.spawn(kick_task(shared.clone(), gossip));
+    }
     let app = crate::http::router(shared.clone(), tracker.clone());
     let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(server_shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "http server stopped");
-        }
-    });
+    let server = tokio::spawn(crate::serve::serve(
+        listener,
+        app,
+        shared.cfg.http.clone(),
+        shared.metrics.clone(),
+        server_shutdown,
+    ));
     tracing::info!(
         node = %node_id,
         http = %http_addr,
@@ -494,6 +537,36 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         membership,
         failed,
     })
+}
+
+/// Acts on kicks as they are recorded (by the API, a peer or gossip): gossips each under this
+/// node's key and closes this node's sessions it revokes; forgets kicks past their keeping time.
+async fn kick_task(shared: Arc<Shared>, gossip: crate::membership::KickGossip) {
+    let mut expire = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = shared.kicks.changed() => {}
+            _ = expire.tick() => {
+                for uid in shared.kicks.expire(crate::auth::unix_now()) {
+                    gossip.forget(&uid).await;
+                }
+                shared.metrics.kicks.set(shared.kicks.len() as i64);
+            }
+        }
+        for (uid, at) in shared.kicks.take_fresh() {
+            gossip.publish(&uid, at).await;
+            let kick = Command::Kick {
+                uid,
+                at,
+                reply: None,
+            };
+            if shared.engine.send(kick).await.is_err() {
+                return;
+            }
+        }
+        shared.metrics.kicks.set(shared.kicks.len() as i64);
+    }
 }
 
 impl NodeHandle {
@@ -724,6 +797,15 @@ impl Driver {
                     let _ = outbox.end.send(SessionEnd::Moved(owner));
                     return;
                 }
+                // A kick recorded after the upgrade checked the token.
+                if self
+                    .shared
+                    .kicks
+                    .revokes(&uid, outbox.token_iat.load(Ordering::Relaxed))
+                {
+                    let _ = outbox.end.send(SessionEnd::Closed(CloseReason::Kicked));
+                    return;
+                }
                 self.outboxes.insert(session, outbox);
                 self.engine
                     .open_session(now, session, &uid, &mut self.actions);
@@ -758,6 +840,28 @@ impl Driver {
                     }
                 }
             }
+            Command::Kick { uid, at, reply } => match reply {
+                None => {
+                    self.kick_here(&uid, at, now);
+                }
+                Some(reply) => match self.shared.route(&uid) {
+                    Route::Local => {
+                        let _ = reply.send(self.kick_here(&uid, at, now));
+                    }
+                    Route::Remote(node) => {
+                        let req = self.next_tag();
+                        let frame = PeerFrame::Kick {
+                            req,
+                            uid: uid.to_string(),
+                            at,
+                        };
+                        if self.shared.links.send(&node, frame) {
+                            self.presence_waiters.insert(req, (node, now, reply));
+                        }
+                    }
+                    Route::Unreachable => {}
+                },
+            },
             Command::Presence { uid, reply } => match self.shared.route(&uid) {
                 Route::Local => {
                     let _ = reply.send(self.engine.presence(&uid));
@@ -850,7 +954,24 @@ impl Driver {
                     .links
                     .send(&from, PeerFrame::PresenceAnswer { req, sessions });
             }
-            PeerFrame::PresenceAnswer { req, sessions } => {
+            PeerFrame::Kick { req, uid, at } => {
+                if crate::auth::validate_uid(&uid).is_err() {
+                    tracing::warn!(peer = %from, "kick of a malformed uid from a peer ignored");
+                    return;
+                }
+                // Recorded here too (it also comes by gossip), so that this node refuses the
+                // revoked tokens from now on.
+                if let Err(e) = self.shared.kicks.record(&uid, at, crate::auth::unix_now()) {
+                    tracing::warn!(peer = %from, %uid, error = %e, "kick not remembered");
+                }
+                let closed = self.kick_here(&uid, at, now);
+                let sessions = u32::try_from(closed).unwrap_or(u32::MAX);
+                self.shared
+                    .links
+                    .send(&from, PeerFrame::KickAnswer { req, sessions });
+            }
+            PeerFrame::KickAnswer { req, sessions }
+            | PeerFrame::PresenceAnswer { req, sessions } => {
                 if let Some((_, _, reply)) = self.presence_waiters.remove(&req) {
                     let _ = reply.send(sessions as usize);
                 }
@@ -1009,6 +1130,30 @@ impl Driver {
             .gossip_members
             .set(view.members.len() as i64);
         self.rebalance(Instant::now().into_std());
+    }
+
+    /// Closes (4005) the sessions of `uid` here whose token was issued up to `at`; returns how
+    /// many.
+    fn kick_here(&mut self, uid: &str, at: u64, now: std::time::Instant) -> usize {
+        let mut closed = 0;
+        for session in self.engine.sessions_of(uid) {
+            let revoked = self
+                .outboxes
+                .get(&session)
+                .is_some_and(|o| o.token_iat.load(Ordering::Relaxed) <= at);
+            if !revoked {
+                continue;
+            }
+            if let Some(outbox) = self.outboxes.remove(&session) {
+                let _ = outbox.end.send(SessionEnd::Closed(CloseReason::Kicked));
+            }
+            self.engine.close_session(now, session, &mut self.actions);
+            closed += 1;
+        }
+        if closed > 0 {
+            tracing::info!(%uid, sessions = closed, "kicked");
+        }
+        closed
     }
 
     /// Moves away the sessions and held messages of users this node no longer owns.

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -75,7 +75,31 @@ struct Peer {
     failed: AtomicBool,
     /// A connection is up now.
     up: AtomicBool,
+    /// Bytes of the frames in `tx` (see [`queued_size`]), for `quic.peer_queue_bytes`.
+    queued_bytes: AtomicUsize,
     stop: CancellationToken,
+}
+
+/// What a queued frame counts against `quic.peer_queue_bytes`: a message's body and ids; the
+/// other frames are small and bounded by the frame count.
+fn queued_size(frame: &PeerFrame) -> usize {
+    match frame {
+        PeerFrame::Deliver { msg, .. } => {
+            msg.body.len() + msg.id.len() + msg.from.len() + msg.to.len()
+        }
+        _ => 0,
+    }
+}
+
+impl Peer {
+    /// Takes a frame's bytes off the queue's count once it has left the queue.
+    fn dequeued(&self, frame: &PeerFrame, metrics: &Metrics) {
+        let n = queued_size(frame);
+        if n > 0 {
+            self.queued_bytes.fetch_sub(n, Ordering::Relaxed);
+            metrics.peer_queue_bytes.dec_by(n as i64);
+        }
+    }
 }
 
 /// The links of one node to all others.
@@ -236,6 +260,7 @@ impl Links {
             incoming,
             failed: AtomicBool::new(true),
             up: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
             stop: self.stop.child_token(),
         });
         self.tracker.spawn(run_peer(
@@ -248,12 +273,31 @@ impl Links {
         peer
     }
 
-    /// Queues `frame` for `node`. False if there is no link to it or its queue is full.
+    /// Queues `frame` for `node`. False if there is no link to it or its queue is full (in
+    /// frames, `quic.peer_queue`, or in bytes, `quic.peer_queue_bytes`).
     pub fn send(&self, node: &str, frame: PeerFrame) -> bool {
         let peers = self.peers.read().expect("peers lock");
-        match peers.get(node) {
-            Some(p) if !p.failed.load(Ordering::Relaxed) => p.tx.try_send(frame).is_ok(),
-            _ => false,
+        let Some(p) = peers.get(node) else {
+            return false;
+        };
+        if p.failed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let n = queued_size(&frame);
+        if n > 0 {
+            let before = p.queued_bytes.fetch_add(n, Ordering::Relaxed);
+            if before + n > self.cfg.peer_queue_bytes {
+                p.queued_bytes.fetch_sub(n, Ordering::Relaxed);
+                return false;
+            }
+            self.metrics.peer_queue_bytes.inc_by(n as i64);
+        }
+        match p.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(e) => {
+                p.dequeued(&e.into_inner(), &self.metrics);
+                false
+            }
         }
     }
 
@@ -443,6 +487,21 @@ async fn run_peer(
     links: Arc<Links>,
     peer: Arc<Peer>,
     mut rx: mpsc::Receiver<PeerFrame>,
+    incoming: mpsc::Receiver<(Connection, FrameReader)>,
+    addr: watch::Receiver<Option<SocketAddr>>,
+) {
+    serve_peer(&links, &peer, &mut rx, incoming, addr).await;
+    // Whatever is still queued is dropped with the peer: take it off the byte count.
+    rx.close();
+    while let Ok(f) = rx.try_recv() {
+        peer.dequeued(&f, &links.metrics);
+    }
+}
+
+async fn serve_peer(
+    links: &Arc<Links>,
+    peer: &Arc<Peer>,
+    rx: &mut mpsc::Receiver<PeerFrame>,
     mut incoming: mpsc::Receiver<(Connection, FrameReader)>,
     mut addr: watch::Receiver<Option<SocketAddr>>,
 ) {
@@ -482,7 +541,7 @@ async fn run_peer(
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(peer = %peer.id, error = %e, "link setup failed");
-                link_down(&links, &peer, &mut rx).await;
+                link_down(links, peer, rx).await;
                 let jitter = Duration::from_millis(rand::random::<u64>() % 25);
                 tokio::select! {
                     _ = peer.stop.cancelled() => return,
@@ -536,10 +595,14 @@ async fn run_peer(
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return };
+                    peer.dequeued(&frame, &links.metrics);
                     wire::encode(&frame, &mut buf);
                     for _ in 1..WRITE_BATCH {
                         match rx.try_recv() {
-                            Ok(f) => wire::encode(&f, &mut buf),
+                            Ok(f) => {
+                                peer.dequeued(&f, &links.metrics);
+                                wire::encode(&f, &mut buf);
+                            }
                             Err(_) => break,
                         }
                     }
@@ -554,7 +617,7 @@ async fn run_peer(
         links.metrics.quic_peers.dec();
         tracing::warn!(peer = %peer.id, reason = %ended, "peer link down");
         if adopted.is_none() {
-            link_down(&links, &peer, &mut rx).await;
+            link_down(links, peer, rx).await;
         }
     }
 }
@@ -563,7 +626,9 @@ async fn run_peer(
 /// the forwards in flight to it.
 async fn link_down(links: &Links, peer: &Peer, rx: &mut mpsc::Receiver<PeerFrame>) {
     let was_failed = peer.failed.swap(true, Ordering::Relaxed);
-    while rx.try_recv().is_ok() {}
+    while let Ok(f) = rx.try_recv() {
+        peer.dequeued(&f, &links.metrics);
+    }
     if !was_failed {
         let _ = links
             .engine

@@ -36,6 +36,11 @@ pub enum ClientFrame {
     },
     /// `ping`.
     Ping,
+    /// `refresh`: a new token for the same uid, to keep the session past its token's expiry.
+    Refresh {
+        /// The new JWT.
+        token: String,
+    },
 }
 
 /// Why the frame was refused; maps to an `error` frame or, with an id, a `failed` outcome.
@@ -110,6 +115,8 @@ struct Envelope<'a> {
     body: Option<&'a RawValue>,
     #[serde(borrow)]
     seq: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
 }
 
 fn as_string(raw: Option<&RawValue>) -> Option<String> {
@@ -170,6 +177,14 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
             Ok(ClientFrame::Ack { seq })
         }
         "ping" => Ok(ClientFrame::Ping),
+        "refresh" => {
+            let token = as_string(env.token)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    FrameError::BadFrame("`refresh` needs `token`: a non-empty string".into())
+                })?;
+            Ok(ClientFrame::Refresh { token })
+        }
         other => {
             let shown: String = other.chars().take(64).collect();
             Err(FrameError::UnknownType(shown))
@@ -241,6 +256,11 @@ pub enum ServerFrame {
     },
     /// Answer to `ping`.
     Pong,
+    /// Answer to a `refresh` whose token was accepted.
+    Refreshed {
+        /// The new token's `exp`, unix seconds: the session lives until then (plus the leeway).
+        expires_at: u64,
+    },
     /// A frame that could not be processed.
     Error {
         /// Machine-readable code.
@@ -310,6 +330,10 @@ mod tests {
             Ok(ClientFrame::Ack { seq: 7 })
         ));
         assert!(matches!(parse(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping)));
+        assert!(matches!(
+            parse(r#"{"type":"refresh","token":"a.b.c"}"#),
+            Ok(ClientFrame::Refresh { token }) if token == "a.b.c"
+        ));
     }
 
     #[test]
@@ -327,6 +351,9 @@ mod tests {
             r#"{"type":"ack"}"#,
             r#"{"type":"ack","seq":-1}"#,
             r#"{"type":"ack","seq":"1"}"#,
+            r#"{"type":"refresh"}"#,
+            r#"{"type":"refresh","token":""}"#,
+            r#"{"type":"refresh","token":5}"#,
         ] {
             assert!(
                 matches!(parse(bad), Err(FrameError::BadFrame(_))),

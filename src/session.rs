@@ -5,18 +5,27 @@
 //! arrive on the session's bounded outbox. The task also sends WebSocket pings every
 //! `websocket.ping_interval_ms` and closes a socket silent for `websocket.idle_timeout_ms`.
 //!
-//! Close codes: 1001 node shutting down, 1009 frame too big, 4000 idle timeout,
-//! 4001 moved (sent by the upgrade handler), 4002 slow consumer, 4003 replaced by a newer
-//! session of the same user.
+//! Every write has a deadline (`websocket.write_timeout_ms`): a client that stops reading
+//! cannot pin the task, its queue or its slot in `limits.max_sessions`. Frames other than
+//! `send` spend a per-session budget (`limits.other_frames_per_second`). The session lives
+//! only while its token is valid: at `exp` + leeway it closes, unless a `refresh` brought a
+//! newer token of the same uid.
+//!
+//! Close codes: 1001 node shutting down, 1002 WebSocket protocol violation, 1007 text frame
+//! not UTF-8, 1009 frame too big, 4000 idle timeout, 4001 moved (also sent by the upgrade
+//! handler), 4002 slow consumer (the engine's queue bound, or a write past its deadline), 4003
+//! replaced by a newer session of the same user, 4004 token expired, 4005 kicked, 4008 frames
+//! over the budget.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
+use crate::auth::{Claims, TokenError, unix_now};
 use crate::engine::{CloseReason, SessionId};
 use crate::node::{Command, Outbox, SessionEnd, Shared};
 use crate::protocol::{ClientFrame, FrameError, ServerFrame, parse_client_frame};
@@ -29,13 +38,26 @@ pub const CLOSE_MOVED: u16 = 4001;
 pub const CLOSE_SLOW: u16 = 4002;
 /// Close code: a newer session of the same user replaced this one.
 pub const CLOSE_REPLACED: u16 = 4003;
+/// Close code: the session's token expired (and no `refresh` came).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4004;
+/// Close code: the user was kicked (`POST /api/kick`).
+pub const CLOSE_KICKED: u16 = 4005;
+/// Close code: the client went on sending past its frame budget.
+pub const CLOSE_FLOODING: u16 = 4008;
 /// Close code: a frame over the hard size limit.
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code: the node is shutting down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code: a WebSocket protocol violation (bad opcode, reserved bits, ...).
+pub const CLOSE_PROTOCOL: u16 = 1002;
+/// Close code: a text frame that is not UTF-8.
+pub const CLOSE_BAD_DATA: u16 = 1007;
 
 /// Most frames written before a flush.
 const WRITE_BATCH: usize = 64;
+
+/// How long a closing frame may take to go out before the socket is dropped anyway.
+const CLOSE_WRITE: Duration = Duration::from_millis(500);
 
 /// Milliseconds since the unix epoch.
 pub fn now_ms() -> u64 {
@@ -52,18 +74,124 @@ fn close_frame(code: u16, reason: &'static str) -> WsMessage {
     }))
 }
 
-/// Sends `moved` and closes with 4001.
-pub async fn send_moved(mut socket: WebSocket, url: String, node: String) {
+/// Sends `moved` and closes with 4001, each write within `deadline`.
+pub async fn send_moved(mut socket: WebSocket, url: String, node: String, deadline: Duration) {
     let frame = ServerFrame::Moved { url, node }.to_json();
-    let _ = socket.send(WsMessage::Text(frame.into())).await;
-    let _ = socket.send(close_frame(CLOSE_MOVED, "moved")).await;
+    if write(&mut socket, WsMessage::Text(frame.into()), deadline)
+        .await
+        .is_ok()
+    {
+        let _ = write(&mut socket, close_frame(CLOSE_MOVED, "moved"), CLOSE_WRITE).await;
+    }
 }
 
-/// Runs a live session of `uid` until it closes.
-pub async fn run(shared: Arc<Shared>, socket: WebSocket, uid: Arc<str>) {
+/// Why a write did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteError {
+    /// The socket is gone.
+    Failed,
+    /// The socket accepted nothing within the deadline.
+    TimedOut,
+}
+
+impl WriteError {
+    fn reason(self) -> &'static str {
+        match self {
+            WriteError::Failed => "write failed",
+            WriteError::TimedOut => "write timeout",
+        }
+    }
+}
+
+/// Sends one frame, flushed, within `deadline`.
+async fn write<S>(sink: &mut S, msg: WsMessage, deadline: Duration) -> Result<(), WriteError>
+where
+    S: futures_util::Sink<WsMessage> + Unpin,
+{
+    match tokio::time::timeout(deadline, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteError::Failed),
+        Err(_) => Err(WriteError::TimedOut),
+    }
+}
+
+/// Writes a batch of frames, each within `deadline`, then flushes once within `deadline`.
+async fn write_batch<S>(
+    sink: &mut S,
+    batch: &mut Vec<ServerFrame>,
+    deadline: Duration,
+) -> Result<(), WriteError>
+where
+    S: futures_util::Sink<WsMessage> + Unpin,
+{
+    for f in batch.drain(..) {
+        match tokio::time::timeout(deadline, sink.feed(WsMessage::Text(f.to_json().into()))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(WriteError::Failed),
+            Err(_) => return Err(WriteError::TimedOut),
+        }
+    }
+    match tokio::time::timeout(deadline, sink.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(WriteError::Failed),
+        Err(_) => Err(WriteError::TimedOut),
+    }
+}
+
+/// A token bucket: `rate` per second, a burst of `rate`.
+#[derive(Debug)]
+struct Budget {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+    /// Frames refused since the budget last let one through.
+    refused: u64,
+}
+
+impl Budget {
+    fn new(rate: u32) -> Budget {
+        Budget {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            refilled: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    /// Spends one token: `Ok` if there was one, else `Err(refused so far)`.
+    fn spend(&mut self, now: Instant) -> Result<(), u64> {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            Ok(())
+        } else {
+            self.refused += 1;
+            Err(self.refused)
+        }
+    }
+
+    /// Refused frames after which the session is closed: another second's worth.
+    fn patience(&self) -> u64 {
+        self.rate as u64
+    }
+}
+
+/// The instant a token expiring at `exp` (unix seconds) stops carrying a session.
+fn expiry_deadline(exp: u64, leeway_s: u64) -> Instant {
+    let left = exp.saturating_add(leeway_s).saturating_sub(unix_now());
+    // Bounded so that a far `exp` cannot overflow the clock (tokens live at most the ttl).
+    Instant::now() + Duration::from_secs(left.min(366 * 86_400))
+}
+
+/// Runs a live session on the token `claims` until it closes.
+pub async fn run(shared: Arc<Shared>, socket: WebSocket, claims: Claims) {
     let session = shared.next_session_id();
+    let uid: Arc<str> = Arc::from(claims.sub.as_str());
     shared.metrics.sessions.inc();
-    let result = serve(&shared, socket, session, uid.clone()).await;
+    let result = serve(&shared, socket, session, uid.clone(), &claims).await;
     let _ = shared.engine.send(Command::Close { session }).await;
     shared.metrics.sessions.dec();
     shared.live_sessions.fetch_sub(1, Ordering::Relaxed);
@@ -75,21 +203,27 @@ async fn serve(
     socket: WebSocket,
     session: SessionId,
     uid: Arc<str>,
+    claims: &Claims,
 ) -> &'static str {
+    let deadline = Duration::from_millis(shared.cfg.websocket.write_timeout_ms);
     let (mut sink, mut stream) = socket.split();
     let welcome = ServerFrame::Welcome {
         uid: uid.to_string(),
         node: shared.node_id.to_string(),
         session: format!("{}-{session}", shared.node_id),
     };
-    if sink
-        .send(WsMessage::Text(welcome.to_json().into()))
-        .await
-        .is_err()
+    if let Err(e) = write(
+        &mut sink,
+        WsMessage::Text(welcome.to_json().into()),
+        deadline,
+    )
+    .await
     {
-        return "write failed";
+        return e.reason();
     }
-    let (outbox, frames, mut close_rx) = Outbox::new(shared.cfg.limits.outbound_queue);
+    let token_iat = Arc::new(AtomicU64::new(claims.iat));
+    let (outbox, frames, mut close_rx) =
+        Outbox::new(shared.cfg.limits.outbound_queue, token_iat.clone());
     let _closed = CloseOnDrop(frames.clone());
     let mut batch: Vec<ServerFrame> = Vec::new();
     let open = Command::Open {
@@ -105,30 +239,64 @@ async fn serve(
     let idle = Duration::from_millis(shared.cfg.websocket.idle_timeout_ms);
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     let mut last_heard = Instant::now();
+    let mut budget = Budget::new(limits.other_frames_per_second());
+    let leeway = shared.tokens.leeway_s();
+    let expiry = tokio::time::sleep_until(expiry_deadline(claims.exp, leeway));
+    tokio::pin!(expiry);
+    // Ends the session with a close frame (best effort: a socket that accepts nothing is
+    // simply dropped).
+    macro_rules! close {
+        ($code:expr, $text:expr) => {{
+            let _ = write(&mut sink, close_frame($code, $text), CLOSE_WRITE).await;
+            return $text;
+        }};
+    }
+    // Answers the client directly; a write past its deadline ends the session.
+    macro_rules! answer {
+        ($frame:expr) => {{
+            if let Err(e) = write(
+                &mut sink,
+                WsMessage::Text($frame.to_json().into()),
+                deadline,
+            )
+            .await
+            {
+                if e == WriteError::TimedOut {
+                    shared.metrics.write_timeouts.inc();
+                }
+                return e.reason();
+            }
+        }};
+    }
     loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => {
-                let _ = sink.send(close_frame(CLOSE_GOING_AWAY, "node shutting down")).await;
-                return "shutdown";
-            }
+            _ = shared.shutdown.cancelled() => close!(CLOSE_GOING_AWAY, "node shutting down"),
             end = &mut close_rx => {
                 let (code, text) = match end {
                     Ok(SessionEnd::Closed(CloseReason::SlowConsumer)) => (CLOSE_SLOW, "slow consumer"),
                     Ok(SessionEnd::Closed(CloseReason::Replaced)) => (CLOSE_REPLACED, "replaced by a newer session"),
+                    Ok(SessionEnd::Closed(CloseReason::Kicked)) => (CLOSE_KICKED, "kicked"),
                     Ok(SessionEnd::Moved(owner)) => {
                         let frame = ServerFrame::Moved { url: owner.url.to_string(), node: owner.node.to_string() };
-                        let _ = sink.send(WsMessage::Text(frame.to_json().into())).await;
+                        let _ = write(&mut sink, WsMessage::Text(frame.to_json().into()), CLOSE_WRITE).await;
                         (CLOSE_MOVED, "moved")
                     }
                     Err(_) => (CLOSE_GOING_AWAY, "node shutting down"),
                 };
-                let _ = sink.send(close_frame(code, text)).await;
-                return text;
+                close!(code, text)
+            }
+            _ = &mut expiry => {
+                shared.metrics.sessions_expired.inc();
+                close!(CLOSE_TOKEN_EXPIRED, "token_expired")
             }
             _ = frames.pop_batch(&mut batch, WRITE_BATCH) => {
-                if write_batch(&mut sink, &mut batch).await.is_err() {
-                    return "write failed";
+                if let Err(e) = write_batch(&mut sink, &mut batch, deadline).await {
+                    if e == WriteError::TimedOut {
+                        shared.metrics.write_timeouts.inc();
+                        tracing::debug!(session, %uid, "write deadline missed: closing");
+                    }
+                    return e.reason();
                 }
             }
             incoming = stream.next() => {
@@ -136,46 +304,109 @@ async fn serve(
                 let text = match incoming {
                     None => return "client went away",
                     Some(Err(e)) => {
-                        if is_capacity_error(&e) {
-                            shared.metrics.frame_errors.inc();
-                            let _ = sink.send(close_frame(CLOSE_TOO_BIG, "frame too big")).await;
-                            return "frame too big";
+                        shared.metrics.frame_errors.inc();
+                        match read_error_close(&e) {
+                            Some((code, text)) => close!(code, text),
+                            None => return "read failed",
                         }
-                        return "read failed";
                     }
                     Some(Ok(WsMessage::Text(text))) => text,
-                    Some(Ok(WsMessage::Binary(_))) => {
-                        let err = ServerFrame::Error {
-                            code: "bad_frame",
-                            message: "binary frames are not supported; send JSON text".into(),
-                            id: None,
-                        };
-                        shared.metrics.frame_errors.inc();
-                        if sink.send(WsMessage::Text(err.to_json().into())).await.is_err() {
-                            return "write failed";
-                        }
-                        continue;
-                    }
                     Some(Ok(WsMessage::Close(_))) => return "client closed",
-                    Some(Ok(_)) => continue, // ping/pong: tungstenite answers pings itself
+                    Some(Ok(other)) => {
+                        if let Some(end) = over_budget(shared, &mut budget) {
+                            match end {
+                                Over::Close => close!(CLOSE_FLOODING, "too many frames"),
+                                Over::Answer(frame) => answer!(frame),
+                            }
+                            continue;
+                        }
+                        if matches!(other, WsMessage::Binary(_)) {
+                            shared.metrics.frame_errors.inc();
+                            answer!(ServerFrame::Error {
+                                code: "bad_frame",
+                                message: "binary frames are not supported; send JSON text".into(),
+                                id: None,
+                            });
+                        }
+                        continue; // ping/pong: tungstenite answers pings itself
+                    }
                 };
-                if let Some(reply) = handle_text(shared, session, &text, limits.max_frame_bytes, limits.max_body_bytes).await
-                    && sink.send(WsMessage::Text(reply.to_json().into())).await.is_err()
-                {
-                    return "write failed";
+                let reply = handle_text(shared, session, &uid, &text, &mut budget, limits.max_frame_bytes, limits.max_body_bytes).await;
+                match reply {
+                    Reply::None => {}
+                    Reply::Frame(frame) => answer!(frame),
+                    Reply::Close => close!(CLOSE_FLOODING, "too many frames"),
+                    Reply::Refreshed(c) => {
+                        token_iat.store(c.iat, Ordering::Relaxed);
+                        expiry.as_mut().reset(expiry_deadline(c.exp, leeway));
+                        answer!(ServerFrame::Refreshed { expires_at: c.exp });
+                    }
                 }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() >= idle {
-                    let _ = sink.send(close_frame(CLOSE_IDLE, "idle timeout")).await;
-                    return "idle timeout";
+                    close!(CLOSE_IDLE, "idle timeout");
                 }
-                if sink.send(WsMessage::Ping(Default::default())).await.is_err() {
-                    return "write failed";
+                if let Err(e) = write(&mut sink, WsMessage::Ping(Default::default()), deadline).await {
+                    if e == WriteError::TimedOut {
+                        shared.metrics.write_timeouts.inc();
+                    }
+                    return e.reason();
                 }
             }
         }
     }
+}
+
+/// What a frame over the budget gets.
+enum Over {
+    /// `error` `rate_limited`.
+    Answer(ServerFrame),
+    /// The session went on long past its budget: close 4008.
+    Close,
+}
+
+/// Spends one frame of the budget; `Some` when there was none left.
+fn over_budget(shared: &Shared, budget: &mut Budget) -> Option<Over> {
+    let refused = budget.spend(Instant::now()).err()?;
+    shared.metrics.frames_rate_limited.inc();
+    if refused > budget.patience() {
+        shared.metrics.sessions_flooding.inc();
+        return Some(Over::Close);
+    }
+    Some(Over::Answer(ServerFrame::Error {
+        code: "rate_limited",
+        message: "too many frames other than send; slow down".into(),
+        id: None,
+    }))
+}
+
+/// The close frame a read error deserves, if the socket can still carry one.
+fn read_error_close(e: &axum::Error) -> Option<(u16, &'static str)> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match tungstenite_error(e) {
+        Some(WsError::Capacity(_)) => Some((CLOSE_TOO_BIG, "frame too big")),
+        Some(WsError::Utf8(_)) => Some((CLOSE_BAD_DATA, "text frame is not UTF-8")),
+        Some(WsError::Protocol(_)) => Some((CLOSE_PROTOCOL, "websocket protocol violation")),
+        Some(_) => None,
+        None => e
+            .to_string()
+            .to_ascii_lowercase()
+            .contains("space limit exceeded")
+            .then_some((CLOSE_TOO_BIG, "frame too big")),
+    }
+}
+
+fn tungstenite_error(e: &axum::Error) -> Option<&tokio_tungstenite::tungstenite::Error> {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return Some(t);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// Marks the frame queue closed when the session ends, however it ends.
@@ -187,39 +418,28 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// Writes a batch of frames, then flushes once.
-async fn write_batch<S>(sink: &mut S, batch: &mut Vec<ServerFrame>) -> Result<(), S::Error>
-where
-    S: futures_util::Sink<WsMessage> + Unpin,
-{
-    for f in batch.drain(..) {
-        sink.feed(WsMessage::Text(f.to_json().into())).await?;
-    }
-    sink.flush().await
+/// What the session does after a text frame.
+enum Reply {
+    /// Nothing (the engine answers, if anything).
+    None,
+    /// Answer with this frame.
+    Frame(ServerFrame),
+    /// Close: the client went on past its budget.
+    Close,
+    /// A `refresh` was accepted: the session now lives on these claims.
+    Refreshed(Claims),
 }
 
-fn is_capacity_error(e: &axum::Error) -> bool {
-    use std::error::Error as _;
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
-        }
-        source = s.source();
-    }
-    e.to_string()
-        .to_ascii_lowercase()
-        .contains("space limit exceeded")
-}
-
-/// Handles one text frame; returns a frame to answer directly, if any.
+/// Handles one text frame.
 async fn handle_text(
     shared: &Shared,
     session: SessionId,
+    uid: &str,
     text: &str,
+    budget: &mut Budget,
     max_frame: usize,
     max_body: usize,
-) -> Option<ServerFrame> {
+) -> Reply {
     if text.len() > max_frame {
         let answer = crate::protocol::oversize_answer(text, max_frame);
         match &answer {
@@ -228,10 +448,21 @@ async fn handle_text(
                 shared.metrics.frame_errors.inc();
             }
         }
-        return Some(answer);
+        return Reply::Frame(answer);
     }
-    let cmd = match parse_client_frame(text, max_body) {
-        Ok(ClientFrame::Ping) => return Some(ServerFrame::Pong),
+    let parsed = parse_client_frame(text, max_body);
+    // A well-formed `send` spends the engine's send budget; everything else spends this one.
+    if !matches!(parsed, Ok(ClientFrame::Send { .. }))
+        && let Some(over) = over_budget(shared, budget)
+    {
+        return match over {
+            Over::Answer(frame) => Reply::Frame(frame),
+            Over::Close => Reply::Close,
+        };
+    }
+    let cmd = match parsed {
+        Ok(ClientFrame::Ping) => return Reply::Frame(ServerFrame::Pong),
+        Ok(ClientFrame::Refresh { token }) => return refresh(shared, uid, &token),
         Ok(ClientFrame::Ack { seq }) => Command::Ack { session, seq },
         Ok(ClientFrame::Send { id, to, body }) => Command::Send {
             session,
@@ -246,10 +477,28 @@ async fn handle_text(
             } else {
                 shared.metrics.frame_errors.inc();
             }
-            return Some(ServerFrame::from_frame_error(&err));
+            return Reply::Frame(ServerFrame::from_frame_error(&err));
         }
     };
     // A closed engine means the node is stopping; the shutdown branch closes the socket.
     let _ = shared.engine.send(cmd).await;
-    None
+    Reply::None
+}
+
+/// Checks a `refresh` token: valid, of this session's uid, and not revoked by a kick.
+fn refresh(shared: &Shared, uid: &str, token: &str) -> Reply {
+    let refused = |message: String| {
+        shared.metrics.frame_errors.inc();
+        Reply::Frame(ServerFrame::Error {
+            code: "invalid_token",
+            message,
+            id: None,
+        })
+    };
+    match shared.tokens.verify(token) {
+        Ok(c) if c.sub != uid => refused("the token is for another uid".into()),
+        Ok(c) if shared.kicks.revokes(&c.sub, c.iat) => refused(TokenError::Revoked.to_string()),
+        Ok(c) => Reply::Refreshed(c),
+        Err(e) => refused(e.to_string()),
+    }
 }

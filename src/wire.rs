@@ -78,9 +78,7 @@ impl WireMessage {
     /// # Errors
     /// Which rule is broken.
     pub fn check(&self, max_body: usize) -> Result<(), &'static str> {
-        if self.from != "$system" {
-            crate::auth::validate_uid(&self.from).map_err(|_| "from is not a uid")?;
-        }
+        crate::auth::validate_sender(&self.from).map_err(|_| "from is not a uid")?;
         crate::auth::validate_uid(&self.to).map_err(|_| "to is not a uid")?;
         if self.id.is_empty() || self.id.len() > crate::protocol::MAX_ID_BYTES {
             return Err("id must be 1 to 64 bytes");
@@ -169,6 +167,23 @@ pub enum PeerFrame {
         /// Request number.
         req: u64,
         /// Live sessions.
+        sessions: u32,
+    },
+    /// `uid` was kicked at `at` (unix seconds): revoke its tokens issued up to then and close
+    /// its sessions; answer with `KickAnswer`.
+    Kick {
+        /// Request number.
+        req: u64,
+        /// The uid.
+        uid: String,
+        /// Kick time, unix seconds.
+        at: u64,
+    },
+    /// Answer to `Kick`.
+    KickAnswer {
+        /// Request number.
+        req: u64,
+        /// Sessions closed.
         sessions: u32,
     },
 }
@@ -301,6 +316,15 @@ mod tests {
             PeerFrame::PresenceQuery {
                 req: 1,
                 uid: "bob".into(),
+            },
+            PeerFrame::Kick {
+                req: 2,
+                uid: "bob".into(),
+                at: 1_700_000_000,
+            },
+            PeerFrame::KickAnswer {
+                req: 2,
+                sessions: 3,
             },
             PeerFrame::PresenceAnswer {
                 req: 1,

@@ -390,7 +390,7 @@ async fn driver_rechecks_ownership_when_a_session_opens() {
     c.wait_converged(2).await;
     let uid = owned_by(&c, "n2", "u");
     let n1 = c.nodes[0].shared();
-    let (outbox, frames, end) = Outbox::new(16);
+    let (outbox, frames, end) = Outbox::new(16, Default::default());
     n1.engine
         .send(Command::Open {
             session: n1.next_session_id(),

@@ -21,7 +21,9 @@ fn check_login_answer(node: &imgate::node::NodeHandle, uid: &str, body: &Value, 
 
     // Verified with the configured secret and HS256 only.
     let mut validation = Validation::new(Algorithm::HS256);
-    validation.set_required_spec_claims(&["exp", "nbf", "iat", "sub"]);
+    validation.set_required_spec_claims(&["exp", "nbf", "iat", "sub", "iss", "aud"]);
+    validation.set_issuer(&["imgate"]);
+    validation.set_audience(&["imgate-local"]);
     let data = jsonwebtoken::decode::<Value>(
         token,
         &DecodingKey::from_secret(SECRET.as_bytes()),
@@ -31,6 +33,11 @@ fn check_login_answer(node: &imgate::node::NodeHandle, uid: &str, body: &Value, 
     assert_eq!(data.header.alg, Algorithm::HS256);
     let c = data.claims;
     assert_eq!(c["sub"], uid, "{c}");
+    assert_eq!(
+        (c["iss"].as_str(), c["aud"].as_str()),
+        (Some("imgate"), Some("imgate-local")),
+        "{c}"
+    );
     let iat = c["iat"].as_u64().expect("iat");
     assert!(iat >= before && iat <= now_s(), "iat {iat} not now");
     assert_eq!(c["nbf"], iat, "{c}");
