@@ -145,6 +145,10 @@ impl TokenKeys {
     /// Keys for `secret`; tokens name `issuer` and `audience` (the cluster id), live `ttl_s`
     /// seconds, and `leeway_s` of clock skew is allowed.
     pub fn new(secret: &str, issuer: &str, audience: &str, ttl_s: u64, leeway_s: u64) -> TokenKeys {
+        // Beyond any configuration `Config::validate` accepts; keeps the clock arithmetic
+        // (here and in the JWT library) from overflowing.
+        const MAX_S: u64 = 366 * 86_400;
+        let (ttl_s, leeway_s) = (ttl_s.min(MAX_S), leeway_s.min(MAX_S));
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = leeway_s;
         validation.validate_exp = true;
@@ -174,7 +178,7 @@ impl TokenKeys {
             sub: uid.to_string(),
             iat: now,
             nbf: now,
-            exp: now + self.ttl_s,
+            exp: now.saturating_add(self.ttl_s),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             jti: random_id(),

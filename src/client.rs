@@ -446,9 +446,10 @@ struct Login {
 impl Login {
     /// When a session on this token should get a new one.
     fn refresh_at(&self, margin: Duration) -> Instant {
-        let left = self.expires_at.saturating_sub(crate::auth::unix_now());
-        let lead = margin.as_secs().min(left / 2);
-        Instant::now() + Duration::from_secs(left - lead)
+        let now_ms = crate::session::now_ms();
+        let left = self.expires_at.saturating_mul(1000).saturating_sub(now_ms);
+        let lead = (margin.as_millis() as u64).min(left / 2);
+        Instant::now() + Duration::from_millis(left - lead)
     }
 }
 

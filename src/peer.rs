@@ -856,4 +856,90 @@ mod tests {
         n1.shutdown().await;
         n2.shutdown().await;
     }
+
+    /// A peer that does not keep up fills the queue towards it up to `quic.peer_queue_bytes`
+    /// (not to the frame bound), then forwards are refused; the bytes are given back as the
+    /// queue drains.
+    #[tokio::test]
+    async fn the_queue_to_a_slow_peer_is_bounded_in_bytes() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let budget = 256 * 1024;
+        let start = |id: &str, engine| {
+            let cfg = QuicConfig {
+                peer_queue_bytes: budget,
+                ..QuicConfig::default()
+            };
+            let metrics = Arc::new(Metrics::new());
+            let links = Links::start_with(
+                Arc::from(id),
+                "test".into(),
+                any,
+                &Credential::for_node("secret", id).unwrap(),
+                cfg,
+                engine,
+                metrics.clone(),
+            )
+            .unwrap();
+            (links, metrics)
+        };
+        let (tx1, mut rx1) = mpsc::channel(16);
+        // n2's driver is this test, which reads nothing for now: n2 stops reading its stream
+        // once its inbox is full, and QUIC flow control holds n1's writer.
+        let (tx2, mut rx2) = mpsc::channel(4);
+        let (n1, metrics1) = start("n1", tx1);
+        let (n2, _) = start("n2", tx2);
+        introduce(&n1, &n2);
+        assert!(peer_up(&mut rx1, "n2", Duration::from_secs(10)).await);
+        let body = format!("\"{}\"", "x".repeat(32 * 1024));
+        let deliver = |tag| PeerFrame::Deliver {
+            tag,
+            hops: 0,
+            msg: wire::WireMessage {
+                from: "alice".into(),
+                id: format!("m{tag}"),
+                to: "bob".into(),
+                body: body.clone(),
+                ts: 1,
+            },
+        };
+        let mut accepted = 0u64;
+        let mut refused = false;
+        for tag in 0..2000 {
+            if n1.send("n2", deliver(tag)) {
+                accepted += 1;
+                let queued = metrics1.peer_queue_bytes.get();
+                assert!(queued as usize <= budget, "{queued} bytes queued");
+            } else {
+                refused = true;
+                break;
+            }
+            // Let the writer take what flow control allows.
+            tokio::task::yield_now().await;
+        }
+        assert!(refused, "all {accepted} forwards were queued");
+        assert!(accepted < 2000);
+        assert!(n1.reachable("n2"), "a full queue is not a link failure");
+        // n2 catches up: the queue drains and its bytes are given back.
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    _ = rx2.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                        if metrics1.peer_queue_bytes.get() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(
+            drained.is_ok(),
+            "{} bytes still queued",
+            metrics1.peer_queue_bytes.get()
+        );
+        assert!(n1.send("n2", deliver(9999)));
+        n1.shutdown().await;
+        n2.shutdown().await;
+    }
 }

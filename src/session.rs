@@ -311,7 +311,12 @@ async fn serve(
                         }
                     }
                     Some(Ok(WsMessage::Text(text))) => text,
-                    Some(Ok(WsMessage::Close(_))) => return "client closed",
+                    Some(Ok(WsMessage::Close(_))) => {
+                        // The library queued the answering close frame (1002 for a close code
+                        // the protocol forbids); send it before the socket goes.
+                        let _ = tokio::time::timeout(CLOSE_WRITE, sink.flush()).await;
+                        return "client closed";
+                    }
                     Some(Ok(other)) => {
                         if let Some(end) = over_budget(shared, &mut budget) {
                             match end {

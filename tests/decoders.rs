@@ -43,8 +43,8 @@
 //!
 //! One panic was found this way (an unchecked addition in `Config::validate`, reachable from
 //! `cluster.toml`); `config_validate_huge_queue_sum_is_refused_without_overflow` keeps it
-//! fixed. `token_keys_with_huge_ttl_or_leeway_do_not_panic` (ignored) records an open,
-//! latent one: `TokenKeys` built directly with a huge `ttl_s` or `leeway_s`.
+//! fixed. `token_keys_with_huge_ttl_or_leeway_do_not_panic` keeps the second one fixed:
+//! `TokenKeys` built directly with a huge `ttl_s` or `leeway_s` (now clamped).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -1515,17 +1515,16 @@ proptest! {
     }
 }
 
-/// BUG (latent, API level; src/auth.rs): `TokenKeys` trusts its `ttl_s` and `leeway_s`.
-/// `issue` computes `now + self.ttl_s` unchecked (src/auth.rs:177: panics in debug with
+/// Was a latent bug (API level; src/auth.rs): `TokenKeys` trusted its `ttl_s` and `leeway_s`.
+/// `issue` computed `now + self.ttl_s` unchecked (panicked in debug with
 /// `ttl_s = u64::MAX`, wraps in release to an `exp` in the past), and `verify` hands
 /// `leeway_s` to jsonwebtoken 11.1, whose `now - options.leeway` (validation.rs:284) panics in
 /// debug for any correctly signed token once `leeway_s` exceeds the current unix time (and
 /// wraps in release, refusing every token as expired). Not reachable from a configuration:
 /// `Config::validate` (called by `node::start`) caps both at 7 days, and an outsider cannot
-/// sign a token; only code calling `TokenKeys::new` directly with unchecked values can. A
-/// `saturating_add` in `issue` and clamping `leeway_s` in `new` would fix it.
+/// sign a token; only code calling `TokenKeys::new` directly with unchecked values could.
+/// Fixed: `new` clamps both to a year and `issue` adds with saturation.
 #[test]
-#[ignore = "bug: TokenKeys::issue overflows on a huge ttl_s, verify (in jsonwebtoken) on leeway_s > now"]
 fn token_keys_with_huge_ttl_or_leeway_do_not_panic() {
     let keys = TokenKeys::new(SECRET, ISSUER, AUDIENCE, u64::MAX, LEEWAY_S);
     let issue = std::panic::catch_unwind(|| keys.issue("alice", "n1", "ws://h/ws", unix_now()));

@@ -528,6 +528,66 @@ async fn sends_in_flight_are_bounded_per_session() {
     node.shutdown().await;
 }
 
+/// `delivery.max_held_bytes` bounds the bodies in delivery on a node, held and pushed alike,
+/// whoever sends them: a send or a push that would go over fails `rate_limited`, and the
+/// bytes come back when messages end.
+#[tokio::test]
+async fn bodies_in_delivery_are_bounded_in_bytes_per_node() {
+    let mut cfg = fast_config();
+    cfg.delivery.max_held_bytes = 250;
+    cfg.delivery.hold_ms = 60_000;
+    let node = start(cfg).await;
+    let mut alice = connect(&node, "alice").await;
+    let mut bob = connect(&node, "bob").await;
+    let body = json!("x".repeat(98)); // 100 bytes encoded
+    // Held for an offline user, then pushed to a session that does not ack yet: 200 bytes.
+    send_msg(&mut alice, "b1", "carol", body.clone()).await;
+    send_msg(&mut alice, "b2", "bob", body.clone()).await;
+    expect_msg(&mut bob, "alice", "b2", 1).await;
+    let text = metrics_text(&node).await;
+    assert_eq!(
+        metric(&text, "imgate_delivery_bytes"),
+        Some(200.0),
+        "{text}"
+    );
+    // A third would make 300: refused, for a client and for the API alike.
+    send_msg(&mut alice, "b3", "bob", body.clone()).await;
+    assert_eq!(
+        next_frame(&mut alice, WAIT).await,
+        json!({"type": "failed", "id": "b3", "to": "bob", "reason": "rate_limited"})
+    );
+    let push = http()
+        .post(format!("{}/api/push", node.http_url()))
+        .bearer_auth(API_KEY)
+        .json(&json!({"to": "bob", "body": body, "id": "p1", "wait_ms": 1000}))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, v) = json_response(push).await;
+    assert_eq!(
+        (status, &v["status"], &v["reason"]),
+        (200, &json!("failed"), &json!("rate_limited")),
+        "{v}"
+    );
+    // A small one still fits (200 + 10 <= 250).
+    send_msg(&mut alice, "b4", "bob", json!("12345678")).await;
+    expect_msg(&mut bob, "alice", "b4", 2).await;
+    // Acks give the bytes back: then a full-size message fits again.
+    ack(&mut bob, 1).await;
+    ack(&mut bob, 2).await;
+    let mut done = outcomes(&mut alice, 2).await;
+    assert_eq!(done.remove("b2").unwrap()["type"], "delivered");
+    send_msg(&mut alice, "b5", "bob", body).await;
+    expect_msg(&mut bob, "alice", "b5", 3).await;
+    let text = metrics_text(&node).await;
+    assert_eq!(
+        metric(&text, "imgate_delivery_bytes"),
+        Some(200.0),
+        "{text}"
+    );
+    node.shutdown().await;
+}
+
 /// Checks that `got` holds a `failed` (timeout or offline) for every id.
 fn all_failed_undelivered(got: &HashMap<String, Value>, ids: &[String]) {
     assert_eq!(got.len(), ids.len(), "{got:?}");

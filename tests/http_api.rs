@@ -259,6 +259,78 @@ fn users_config(users: &[(&str, String)]) -> Config {
     cfg
 }
 
+/// In `users` mode, logins waiting for a password check are bounded: beyond
+/// `auth.login_concurrency` + `auth.login_queue` a login is answered 503 `busy` at once instead
+/// of waiting behind the others (review weakness 12).
+#[tokio::test]
+async fn login_users_mode_queue_is_bounded() {
+    let hash = imgate::auth::hash_password("pw").expect("hash");
+    let mut cfg = users_config(&[("alice", hash)]);
+    cfg.auth.login_concurrency = 1;
+    cfg.auth.login_queue = 1;
+    let node = start(cfg).await;
+    // The test holds the only password-check slot, so logins queue deterministically.
+    let held = node
+        .shared()
+        .password_checks
+        .acquire()
+        .await
+        .expect("semaphore open");
+    let body = json!({"uid": "alice", "password": "pw"});
+    /// Starts a login and returns once `n` logins wait for a password check.
+    async fn queue(
+        node: &imgate::node::NodeHandle,
+        body: &Value,
+        n: usize,
+    ) -> tokio::task::JoinHandle<(u16, reqwest::header::HeaderMap, Value)> {
+        let (url, body) = (node.http_url(), body.clone());
+        let login = tokio::spawn(async move {
+            let resp = http()
+                .post(format!("{url}/login"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            json_response(resp).await
+        });
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while node
+            .shared()
+            .login_waiters
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < n
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "login {n} never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        login
+    }
+    // Concurrency 1 + queue 1: two logins wait (the slot they wait for is held here), and a
+    // third is refused at once.
+    let first = queue(&node, &body, 1).await;
+    let second = queue(&node, &body, 2).await;
+    let (status, refused) = login_json(&node, &body).await;
+    assert_error(status, &refused, 503, "busy");
+    let text = metrics_text(&node).await;
+    assert_eq!(
+        metric(&text, "imgate_logins_busy_total"),
+        Some(1.0),
+        "{text}"
+    );
+    drop(held);
+    for login in [first, second] {
+        let (status, _, v) = login.await.unwrap();
+        assert_eq!(status, 200, "{v}");
+    }
+    // With the queue empty again, logins go through.
+    let (status, v) = login_json(&node, &body).await;
+    assert_eq!(status, 200, "{v}");
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn login_users_mode_accepts_a_hash_password_hash() {
     let hash = imgate::auth::hash_password("s3cret").expect("hash");

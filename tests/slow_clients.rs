@@ -958,20 +958,14 @@ async fn a_control_frame_over_125_bytes_is_closed_with_1002() {
 
 // review row 64
 #[tokio::test]
-#[ignore = "bug: src/session.rs returns on a client Close frame (`Some(Ok(WsMessage::Close(_))) => \
-            return \"client closed\"`) and drops the socket without flushing the Close reply \
-            tungstenite queued (1002 for an invalid code), so the TCP connection ends with no \
-            Close frame"]
 async fn a_close_frame_with_code_999_is_answered_with_1002() {
     let bad = client_frame(0x80 | 0x8, &999u16.to_be_bytes(), Some(MASK));
     violation_closes_with("alice", &bad, 1002).await;
 }
 
 /// RFC 6455 5.5.1: an endpoint that receives a Close frame (and sent none) answers with one.
-/// Same root cause as the code 999 case above.
+/// (Found by this test: the session used to drop the socket without flushing that answer.)
 #[tokio::test]
-#[ignore = "bug: src/session.rs returns on a client Close frame without flushing the Close \
-            reply tungstenite queued: the TCP connection ends with no Close frame"]
 async fn a_close_frame_from_the_client_is_answered_with_a_close_frame() {
     let close = client_frame(0x80 | 0x8, &1000u16.to_be_bytes(), Some(MASK));
     violation_closes_with("alice", &close, 1000).await;

@@ -379,11 +379,10 @@ async fn sdk_refreshes_its_token_and_stays_connected_past_several_expiries() {
 
 /// `relogin_margin` is documented as "a live session gets a new token this long before its
 /// token expires (or at half its remaining life, if that comes later), so that the node never
-/// closes it with 4004". With a margin under a second the SDK computes its lead in whole
-/// seconds (`margin.as_secs()` = 0) and schedules the refresh at the expiry itself, after the
-/// node already closed the session.
+/// closes it with 4004". This test found the SDK computing its lead in whole seconds (a margin
+/// under a second became 0, so the refresh came at the expiry itself, after the node had
+/// closed the session); it now works in milliseconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: src/client.rs Login::refresh_at truncates relogin_margin and the time left to whole seconds: with a margin < 1 s (or 1 s left) the refresh is scheduled at the expiry and the node closes the session with 4004 first"]
 async fn sdk_refreshes_before_expiry_with_a_sub_second_margin() {
     let node = short_token_node().await;
     sdk_stays_connected(
