@@ -451,6 +451,29 @@ async fn frame_with_a_duplicate_type_is_bad_frame_and_session_stays_open() {
     node.shutdown().await;
 }
 
+// review row 51: duplicates of fields the node does not read are ignored like any unknown
+// field (docs/PROTOCOL.md, "Frames"); duplicates of fields it reads are bad frames.
+#[tokio::test]
+async fn duplicate_unknown_fields_are_ignored_and_duplicate_known_fields_refused() {
+    let node = start(fast_config()).await;
+    let mut ws = connect(&node, "alice").await;
+    send_text(&mut ws, r#"{"type":"ping","x":1,"x":2}"#).await;
+    assert_eq!(next_frame(&mut ws, WAIT).await["type"], "pong");
+    for text in [
+        r#"{"type":"ack","seq":1,"seq":2}"#,
+        r#"{"type":"send","id":"a","id":"b","to":"bob"}"#,
+        r#"{"type":"send","id":"a","to":"bob","to":"carol"}"#,
+        r#"{"type":"send","id":"a","to":"bob","body":1,"body":2}"#,
+        r#"{"type":"refresh","token":"a","token":"b"}"#,
+    ] {
+        send_text(&mut ws, text).await;
+        let e = next_of(&mut ws, "error").await;
+        assert_eq!(e["code"], "bad_frame", "{text}: {e}");
+    }
+    ping_pong(&mut ws).await;
+    node.shutdown().await;
+}
+
 // review row 53
 #[tokio::test]
 async fn ack_seq_that_is_not_a_plain_u64_is_bad_frame() {
