@@ -103,16 +103,29 @@ impl WriteError {
     }
 }
 
+/// Runs a socket write within `deadline`. A write that completes at once (the common case:
+/// the socket has room) costs no timer; only a write that has to wait arms one.
+async fn within<F, E>(deadline: Duration, write: F) -> Result<(), WriteError>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    let mut write = std::pin::pin!(write);
+    if let std::task::Poll::Ready(r) = futures_util::poll!(write.as_mut()) {
+        return r.map_err(|_| WriteError::Failed);
+    }
+    // Boxed: the timer exists only while a write waits, not in every idle session's future.
+    match Box::pin(tokio::time::timeout(deadline, write)).await {
+        Ok(r) => r.map_err(|_| WriteError::Failed),
+        Err(_) => Err(WriteError::TimedOut),
+    }
+}
+
 /// Sends one frame, flushed, within `deadline`.
 async fn write<S>(sink: &mut S, msg: WsMessage, deadline: Duration) -> Result<(), WriteError>
 where
     S: futures_util::Sink<WsMessage> + Unpin,
 {
-    match tokio::time::timeout(deadline, sink.send(msg)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(WriteError::Failed),
-        Err(_) => Err(WriteError::TimedOut),
-    }
+    within(deadline, sink.send(msg)).await
 }
 
 /// Writes a batch of frames, each within `deadline`, then flushes once within `deadline`.
@@ -125,17 +138,9 @@ where
     S: futures_util::Sink<WsMessage> + Unpin,
 {
     for f in batch.drain(..) {
-        match tokio::time::timeout(deadline, sink.feed(WsMessage::Text(f.to_json().into()))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(WriteError::Failed),
-            Err(_) => return Err(WriteError::TimedOut),
-        }
+        within(deadline, sink.feed(WsMessage::Text(f.to_json().into()))).await?;
     }
-    match tokio::time::timeout(deadline, sink.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(WriteError::Failed),
-        Err(_) => Err(WriteError::TimedOut),
-    }
+    within(deadline, sink.flush()).await
 }
 
 /// A token bucket: `rate` per second, a burst of `rate`.
@@ -189,9 +194,12 @@ fn expiry_deadline(exp: u64, leeway_s: u64) -> Instant {
 /// Runs a live session on the token `claims` until it closes.
 pub async fn run(shared: Arc<Shared>, socket: WebSocket, claims: Claims) {
     let session = shared.next_session_id();
+    // Only what the session needs of the token lives as long as the session.
     let uid: Arc<str> = Arc::from(claims.sub.as_str());
+    let (iat, exp) = (claims.iat, claims.exp);
+    drop(claims);
     shared.metrics.sessions.inc();
-    let result = serve(&shared, socket, session, uid.clone(), &claims).await;
+    let result = serve(&shared, socket, session, uid.clone(), iat, exp).await;
     let _ = shared.engine.send(Command::Close { session }).await;
     shared.metrics.sessions.dec();
     shared.live_sessions.fetch_sub(1, Ordering::Relaxed);
@@ -203,7 +211,8 @@ async fn serve(
     socket: WebSocket,
     session: SessionId,
     uid: Arc<str>,
-    claims: &Claims,
+    iat: u64,
+    exp: u64,
 ) -> &'static str {
     let deadline = Duration::from_millis(shared.cfg.websocket.write_timeout_ms);
     let (mut sink, mut stream) = socket.split();
@@ -221,7 +230,7 @@ async fn serve(
     {
         return e.reason();
     }
-    let token_iat = Arc::new(AtomicU64::new(claims.iat));
+    let token_iat = Arc::new(AtomicU64::new(iat));
     let (outbox, frames, mut close_rx) =
         Outbox::new(shared.cfg.limits.outbound_queue, token_iat.clone());
     let _closed = CloseOnDrop(frames.clone());
@@ -241,7 +250,7 @@ async fn serve(
     let mut last_heard = Instant::now();
     let mut budget = Budget::new(limits.other_frames_per_second());
     let leeway = shared.tokens.leeway_s();
-    let expiry = tokio::time::sleep_until(expiry_deadline(claims.exp, leeway));
+    let expiry = tokio::time::sleep_until(expiry_deadline(exp, leeway));
     tokio::pin!(expiry);
     // Ends the session with a close frame (best effort: a socket that accepts nothing is
     // simply dropped).
@@ -341,10 +350,10 @@ async fn serve(
                     Reply::None => {}
                     Reply::Frame(frame) => answer!(frame),
                     Reply::Close => close!(CLOSE_FLOODING, "too many frames"),
-                    Reply::Refreshed(c) => {
-                        token_iat.store(c.iat, Ordering::Relaxed);
-                        expiry.as_mut().reset(expiry_deadline(c.exp, leeway));
-                        answer!(ServerFrame::Refreshed { expires_at: c.exp });
+                    Reply::Refreshed { iat, exp } => {
+                        token_iat.store(iat, Ordering::Relaxed);
+                        expiry.as_mut().reset(expiry_deadline(exp, leeway));
+                        answer!(ServerFrame::Refreshed { expires_at: exp });
                     }
                 }
             }
@@ -431,8 +440,8 @@ enum Reply {
     Frame(ServerFrame),
     /// Close: the client went on past its budget.
     Close,
-    /// A `refresh` was accepted: the session now lives on these claims.
-    Refreshed(Claims),
+    /// A `refresh` was accepted: the session now lives on this token's `iat` and `exp`.
+    Refreshed { iat: u64, exp: u64 },
 }
 
 /// Handles one text frame.
@@ -503,7 +512,10 @@ fn refresh(shared: &Shared, uid: &str, token: &str) -> Reply {
     match shared.tokens.verify(token) {
         Ok(c) if c.sub != uid => refused("the token is for another uid".into()),
         Ok(c) if shared.kicks.revokes(&c.sub, c.iat) => refused(TokenError::Revoked.to_string()),
-        Ok(c) => Reply::Refreshed(c),
+        Ok(c) => Reply::Refreshed {
+            iat: c.iat,
+            exp: c.exp,
+        },
         Err(e) => refused(e.to_string()),
     }
 }
