@@ -682,6 +682,30 @@ async fn api_push(
     })
 }
 
+/// Hands `cmd` to the driver and waits for the owner's count on `answer`. The driver drops the
+/// answer when the owner cannot be asked; a peer that does not answer is given up on after
+/// 3 s: both are 503 `unreachable` with `message`.
+async fn ask_owner(
+    shared: &Shared,
+    cmd: Command,
+    answer: oneshot::Receiver<usize>,
+    message: String,
+) -> Result<usize, ApiError> {
+    shared
+        .engine
+        .send(cmd)
+        .await
+        .map_err(|_| ApiError::stopping())?;
+    match tokio::time::timeout(Duration::from_secs(3), answer).await {
+        Ok(Ok(n)) => Ok(n),
+        _ => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unreachable",
+            message,
+        )),
+    }
+}
+
 /// Refuses a path whose percent-encoding is malformed (`%ZZ`, a `%` at the end): the router
 /// would otherwise take it literally.
 fn check_percent_encoding(uri: &axum::http::Uri) -> Result<(), ApiError> {
@@ -711,26 +735,17 @@ async fn api_presence(
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node")
     })?;
     let (reply, answer) = oneshot::channel();
-    shared
-        .engine
-        .send(Command::Presence {
-            uid: uid.clone(),
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::stopping())?;
-    // The driver drops the answer when the owner cannot be asked; a peer that does not
-    // answer is given up on after 3 s.
-    let sessions = match tokio::time::timeout(Duration::from_secs(3), answer).await {
-        Ok(Ok(n)) => n,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unreachable",
-                format!("the owner node {} could not be asked", owner.node),
-            ));
-        }
+    let presence = Command::Presence {
+        uid: uid.clone(),
+        reply,
     };
+    let sessions = ask_owner(
+        shared,
+        presence,
+        answer,
+        format!("the owner node {} could not be asked", owner.node),
+    )
+    .await?;
     Ok(Json(json!({
         "uid": uid,
         "online": sessions > 0,
@@ -790,24 +805,18 @@ async fn api_kick(
         at,
         reply: Some(reply),
     };
-    shared
-        .engine
-        .send(kick)
-        .await
-        .map_err(|_| ApiError::stopping())?;
-    let sessions = match tokio::time::timeout(Duration::from_secs(3), answer).await {
-        Ok(Ok(n)) => n,
-        _ => {
-            // The kick holds (every node refuses the revoked tokens once gossip reaches it);
-            // only the owner's sessions could not be closed now. Asking again is harmless.
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unreachable",
-                "the kick is recorded, but the user's owner could not be asked to close its \
-                 sessions; try again",
-            ));
-        }
-    };
+    // If the owner cannot be asked, the kick still holds (every node refuses the revoked
+    // tokens once gossip reaches it); only the owner's sessions could not be closed now, and
+    // asking again is harmless.
+    let sessions = ask_owner(
+        shared,
+        kick,
+        answer,
+        "the kick is recorded, but the user's owner could not be asked to close its sessions; \
+         try again"
+            .into(),
+    )
+    .await?;
     tracing::info!(%uid, at, sessions, "kick");
     Ok(Json(json!({"uid": uid, "sessions": sessions})))
 }

@@ -44,40 +44,6 @@ async fn push(node: &NodeHandle, body: &Value) -> (u16, Value) {
     push_text(node, body.to_string()).await
 }
 
-/// A complete HTTP/1.1 response in `buf`: status and JSON body. With a `Content-Length` it is
-/// complete once that many body bytes are in; without one, only at the end of the stream.
-fn parse_response(buf: &[u8], eof: bool) -> Option<(u16, Value)> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).expect("response head is text");
-    let body = &buf[end + 4..];
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    let length = head.lines().find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("content-length").then(|| {
-            value
-                .trim()
-                .parse::<usize>()
-                .expect("numeric Content-Length")
-        })
-    });
-    let body = match length {
-        Some(n) if body.len() >= n => &body[..n],
-        None if eof => body,
-        _ => return None,
-    };
-    let json = serde_json::from_slice(body).unwrap_or_else(|e| {
-        panic!(
-            "status {status}: body is not JSON ({e}): {:?}",
-            String::from_utf8_lossy(body)
-        )
-    });
-    Some((status, json))
-}
-
 /// Writes `request` as is on a new TCP connection and reads one response.
 async fn raw_http(node: &NodeHandle, request: &[u8]) -> (u16, Value) {
     let mut tcp = TcpStream::connect(node.http_addr())

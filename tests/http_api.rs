@@ -232,20 +232,6 @@ async fn login_body_over_16_kib_is_413() {
     node.shutdown().await;
 }
 
-/// An argon2id PHC string with tiny parameters: verification reads the parameters from the
-/// string, so it checks the same logic as a default-cost hash in a fraction of the time
-/// (default-cost argon2 takes most of a second in a debug build).
-fn cheap_hash(password: &str) -> String {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let params = argon2::Params::new(64, 1, 1, None).expect("argon2 params");
-    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let salt = SaltString::from_b64("c2FsdHNhbHRzYWx0").expect("salt");
-    argon
-        .hash_password(password.as_bytes(), &salt)
-        .expect("hash")
-        .to_string()
-}
-
 fn users_config(users: &[(&str, String)]) -> Config {
     let mut cfg = Config::for_test();
     cfg.auth.mode = AuthMode::Users;

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use cluster_support::{Cluster, first_uid, wait_until};
 use common::{
-    API_KEY, SECRET, Ws, claims, connect_token, expect_no_frame, forge, http, json_response,
-    jwt_parts, login_json, metric, metrics_text, next_frame, next_of, now_ms, now_s, ping_pong,
-    refused_upgrade, send_json,
+    API_KEY, SECRET, Ws, cheap_hash, claims, connect_token, expect_no_frame, forge, http,
+    json_response, jwt_parts, login_json, metric, metrics_text, next_frame, next_of, now_ms, now_s,
+    ping_pong, refused_upgrade, send_json,
 };
 use futures_util::StreamExt;
 use imgate::config::{AuthMode, Config, UserEntry};
@@ -732,18 +732,6 @@ async fn tokens_of_another_cluster_issuer_lifetime_or_future_are_401() {
         );
     }
     node.shutdown().await;
-}
-
-/// An argon2id PHC string with tiny parameters (verification reads them from the string).
-fn cheap_hash(password: &str) -> String {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let params = argon2::Params::new(64, 1, 1, None).expect("argon2 params");
-    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let salt = SaltString::from_b64("c2FsdHNhbHRzYWx0").expect("salt");
-    argon
-        .hash_password(password.as_bytes(), &salt)
-        .expect("hash")
-        .to_string()
 }
 
 // review row 44

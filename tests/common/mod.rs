@@ -464,3 +464,51 @@ pub async fn raw_frames_until_eof(ws: &mut Ws, within: Duration) -> Vec<(u8, Vec
     }
     frames
 }
+
+/// A complete HTTP/1.1 response in `buf`: status and JSON body. With a `Content-Length` it is
+/// complete once that many body bytes are in; without one, only at the end of the stream.
+pub fn parse_response(buf: &[u8], eof: bool) -> Option<(u16, Value)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).expect("response head is text");
+    let body = &buf[end + 4..];
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let length = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("content-length").then(|| {
+            value
+                .trim()
+                .parse::<usize>()
+                .expect("numeric Content-Length")
+        })
+    });
+    let body = match length {
+        Some(n) if body.len() >= n => &body[..n],
+        None if eof => body,
+        _ => return None,
+    };
+    let json = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "status {status}: body is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    Some((status, json))
+}
+
+/// An argon2id PHC string with tiny parameters: verification reads the parameters from the
+/// string, so it checks the same logic as a default-cost hash in a fraction of the time
+/// (default-cost argon2 takes most of a second in a debug build).
+pub fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(64, 1, 1, None).expect("argon2 params");
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::from_b64("c2FsdHNhbHRzYWx0").expect("salt");
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .expect("hash")
+        .to_string()
+}
