@@ -107,6 +107,8 @@ pub struct Config {
     pub gossip: GossipConfig,
     /// `[quic]`: node-to-node links.
     pub quic: QuicConfig,
+    /// `[tls]`: HTTPS and WSS for clients.
+    pub tls: TlsConfig,
     /// `[[nodes]]`: every node of the cluster.
     pub nodes: Vec<NodeConfig>,
 }
@@ -336,6 +338,17 @@ pub struct HttpConfig {
     pub max_connections: usize,
 }
 
+/// `[tls]`: a certificate for the `http` address of every node (a `[[nodes]]` entry may set
+/// its own pair). Without one, the node serves plain HTTP and WebSocket.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first. Env `IMGATE_TLS_CERT`.
+    pub cert_path: Option<std::path::PathBuf>,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1). Env `IMGATE_TLS_KEY`.
+    pub key_path: Option<std::path::PathBuf>,
+}
+
 /// One `[[nodes]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -351,6 +364,46 @@ pub struct NodeConfig {
     /// Public `host:port` used in URLs handed to clients; defaults to `http`.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// The exact WebSocket URL handed to clients for this node (`ws://` or `wss://`), for a
+    /// node behind a TLS-terminating proxy; wins over `advertise`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// This node's certificate chain (PEM), instead of `[tls] cert_path`.
+    #[serde(default)]
+    pub cert_path: Option<std::path::PathBuf>,
+    /// This node's private key (PEM), instead of `[tls] key_path`.
+    #[serde(default)]
+    pub key_path: Option<std::path::PathBuf>,
+}
+
+impl NodeConfig {
+    /// The certificate and key this node serves with, if any: its own pair, else `[tls]`'s.
+    pub fn tls_files<'a>(
+        &'a self,
+        tls: &'a TlsConfig,
+    ) -> Option<(&'a std::path::Path, &'a std::path::Path)> {
+        match (&self.cert_path, &self.key_path) {
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => match (&tls.cert_path, &tls.key_path) {
+                (Some(c), Some(k)) => Some((c, k)),
+                _ => None,
+            },
+        }
+    }
+
+    /// The WebSocket URL clients are given for this node: `public_url`, else
+    /// `ws(s)://<advertise or bound http>/ws`.
+    pub fn client_url(&self, bound_http: SocketAddr, tls: bool) -> String {
+        if let Some(url) = &self.public_url {
+            return url.clone();
+        }
+        let host = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| bound_http.to_string());
+        let scheme = if tls { "wss" } else { "ws" };
+        format!("{scheme}://{host}/ws")
+    }
 }
 
 impl Default for ClusterConfig {
@@ -725,6 +778,12 @@ impl Config {
         {
             return Err(invalid("http.cors_origin", "must be a valid header value"));
         }
+        if self.tls.cert_path.is_some() != self.tls.key_path.is_some() {
+            return Err(invalid(
+                "tls.cert_path",
+                "cert_path and key_path go together",
+            ));
+        }
         if self.nodes.is_empty() {
             return Err(invalid("nodes", "at least one [[nodes]] entry is needed"));
         }
@@ -757,6 +816,20 @@ impl Config {
                 return Err(invalid(
                     &format!("nodes[{i}].advertise"),
                     "must be host:port",
+                ));
+            }
+            if let Some(url) = &n.public_url
+                && crate::membership::check_member("n", url, "h:1").is_err()
+            {
+                return Err(invalid(
+                    &format!("nodes[{i}].public_url"),
+                    "must be ws://host:port/ws or wss://host:port/ws (a host, a port, the path /ws)",
+                ));
+            }
+            if n.cert_path.is_some() != n.key_path.is_some() {
+                return Err(invalid(
+                    &format!("nodes[{i}].cert_path"),
+                    "cert_path and key_path go together",
                 ));
             }
         }
@@ -853,6 +926,9 @@ impl Config {
                     gossip: any,
                     quic: any,
                     advertise: None,
+                    public_url: None,
+                    cert_path: None,
+                    key_path: None,
                 })
                 .collect(),
             ..Config::default()

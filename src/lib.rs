@@ -21,6 +21,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod client_tls;
 pub mod config;
 pub mod engine;
 pub mod gossip;

@@ -142,12 +142,7 @@ pub fn check_member(id: &str, url: &str, http: &str) -> Result<(), &'static str>
     if id.len() > 64 || crate::auth::validate_uid(id).is_err() {
         return Err("node id");
     }
-    let authority = url
-        .strip_prefix("ws://")
-        .or_else(|| url.strip_prefix("wss://"))
-        .and_then(|rest| rest.strip_suffix("/ws"))
-        .ok_or("url")?;
-    if !valid_host_port(authority) {
+    if !valid_ws_url(url) {
         return Err("url");
     }
     if !valid_host_port(http) {
@@ -158,6 +153,32 @@ pub fn check_member(id: &str, url: &str, http: &str) -> Result<(), &'static str>
 
 /// `host:port` with a non-empty host of printable characters that cannot change the meaning
 /// of a URL, and a port number.
+/// Whether `url` is a WebSocket URL a node may hand to clients: `ws://` or `wss://`, a host
+/// with an optional port, and a path (`/ws`, or a proxy's own path such as `/n1/ws`); no user
+/// info, query or fragment, nothing but visible ASCII, at most 512 bytes.
+pub fn valid_ws_url(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+    else {
+        return false;
+    };
+    let Some((authority, path)) = rest.split_once('/') else {
+        return false;
+    };
+    let clean = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '@' | '\\'))
+    };
+    let host_ok = if authority.contains(':') && !authority.ends_with(']') {
+        valid_host_port(authority)
+    } else {
+        !authority.is_empty() && !authority.contains('/') && clean(authority)
+    };
+    url.len() <= 512 && host_ok && clean(path)
+}
+
+/// Whether `s` is `host:port`.
 pub fn valid_host_port(s: &str) -> bool {
     let Some((host, port)) = s.rsplit_once(':') else {
         return false;
@@ -444,13 +465,16 @@ mod tests {
         assert_eq!(check_member(&id64, "ws://h:1/ws", "h:1"), Ok(()));
         assert_eq!(check_member("n1", &url255, "h:1"), Ok(()));
         assert_eq!(check_member("n1", &url256, "h:1"), Err("url"));
+        // Behind a proxy: no port, a path of the proxy's own.
+        assert_eq!(ok("n1", "wss://n1.chat.example.com/ws", "h:1"), Ok(()));
+        assert_eq!(ok("n1", "wss://chat.example.com/n1/ws", "h:1"), Ok(()));
         for (id, url, http, bad) in [
             ("", "ws://h:1/ws", "h:1", "node id"),
             (&*"n".repeat(65), "ws://h:1/ws", "h:1", "node id"),
             ("n\u{7}", "ws://h:1/ws", "h:1", "node id"),
             ("n1", "http://h:1/ws", "h:1", "url"),
-            ("n1", "ws://h:1/chat", "h:1", "url"),
-            ("n1", "ws://h/ws", "h:1", "url"),
+            ("n1", "ws://h:1", "h:1", "url"),
+            ("n1", "ws://:1/ws", "h:1", "url"),
             ("n1", "ws://evil.example@h:1/ws", "h:1", "url"),
             ("n1", "ws://h:1/x?/ws", "h:1", "url"),
             ("n1", "ws://h:1/ws", "h", "http"),

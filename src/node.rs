@@ -59,6 +59,9 @@ pub enum NodeError {
     /// Gossip could not start.
     #[error("gossip: {0}")]
     Gossip(String),
+    /// The client TLS certificate or key cannot be used.
+    #[error("client TLS: {0}")]
+    Tls(#[from] crate::client_tls::TlsError),
 }
 
 /// How a session must end, sent by the driver.
@@ -296,6 +299,8 @@ pub struct Shared {
     pub http_addr: SocketAddr,
     /// The bound gossip address.
     pub gossip_addr: SocketAddr,
+    /// TLS for clients, if this node serves HTTPS and WSS.
+    pub tls: Option<crate::client_tls::ClientTls>,
     /// Token keys.
     pub tokens: TokenKeys,
     /// Metrics.
@@ -420,7 +425,32 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         .advertise
         .clone()
         .unwrap_or_else(|| http_addr.to_string());
-    let ws_url: Arc<str> = Arc::from(format!("ws://{advertised}/ws"));
+    let index = cfg
+        .nodes
+        .iter()
+        .position(|n| n.id == node_id)
+        .expect("node() found it");
+    let tls = match node_cfg.tls_files(&cfg.tls) {
+        None => None,
+        Some((cert, key)) => {
+            let own = node_cfg.cert_path.is_some();
+            let setting = |what: &str| {
+                if own {
+                    format!("nodes[{index}].{what}")
+                } else {
+                    format!("tls.{what}")
+                }
+            };
+            let files = crate::client_tls::TlsFiles {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                cert_setting: setting("cert_path"),
+                key_setting: setting("key_path"),
+            };
+            Some(crate::client_tls::ClientTls::new(files)?)
+        }
+    };
+    let ws_url: Arc<str> = Arc::from(node_cfg.client_url(http_addr, tls.is_some()));
     let node_id: NodeId = Arc::from(node_id);
     let metrics = Arc::new(Metrics::new());
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_INBOX);
@@ -469,6 +499,7 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         node_id: node_id.clone(),
         ws_url,
         http_addr,
+        tls: tls.clone(),
         gossip_addr: membership.gossip_addr(),
         metrics: metrics.clone(),
         engine: engine_tx,
@@ -520,6 +551,7 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         app,
         shared.cfg.http.clone(),
         shared.metrics.clone(),
+        tls,
         server_shutdown,
     ));
     tracing::info!(
@@ -575,9 +607,25 @@ impl NodeHandle {
         self.shared.http_addr
     }
 
-    /// `http://addr`, for clients.
+    /// `http://addr` (`https://` with TLS), for clients.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.shared.http_addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.shared.http_addr)
+    }
+
+    /// Reads the client TLS certificate and key again (SIGHUP); open connections keep theirs.
+    ///
+    /// # Errors
+    /// Why the new files cannot be used; the old certificate stays in use.
+    pub fn reload_tls(&self) -> Result<(), crate::client_tls::TlsError> {
+        match &self.shared.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// The bound gossip address (to seed other nodes with).

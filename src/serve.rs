@@ -149,11 +149,14 @@ impl AsyncWrite for Conn {
 
 /// Serves `app` on `listener` until `shutdown`; then stops accepting, lets each connection
 /// finish its request in progress, and returns when all have ended (the caller bounds this).
+/// With `tls`, every connection is HTTPS (and WSS): the handshake must complete within
+/// `http.header_timeout_ms`, and a client that speaks anything else is closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     cfg: HttpConfig,
     metrics: Arc<Metrics>,
+    tls: Option<crate::client_tls::ClientTls>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
@@ -192,44 +195,24 @@ pub async fn serve(
             metrics: metrics.clone(),
             _slot: slot,
         };
-        let router = TowerToHyperService::new(app.clone());
-        let service = hyper::service::service_fn({
-            let activity = activity.clone();
-            move |req| {
-                let guard = InFlight::new(activity.clone());
-                let response = router.call(req);
-                async move {
-                    let r = response.await;
-                    drop(guard);
-                    r
-                }
-            }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(conn), service)
-            .with_upgrades();
+        let app = app.clone();
+        let builder = builder.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        let header_timeout = Duration::from_millis(cfg.header_timeout_ms);
         connections.spawn(async move {
-            tokio::pin!(connection);
-            let mut check = tokio::time::interval(idle / 4);
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "http connection ended");
+            match tls {
+                None => serve_connection(conn, app, builder, activity, idle, shutdown, peer).await,
+                Some(tls) => {
+                    let accepted =
+                        tokio::time::timeout(header_timeout, tls.acceptor().accept(conn)).await;
+                    match accepted {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, app, builder, activity, idle, shutdown, peer)
+                                .await;
                         }
-                        return;
-                    }
-                    _ = shutdown.cancelled(), if !draining => {
-                        connection.as_mut().graceful_shutdown();
-                        draining = true;
-                    }
-                    _ = check.tick() => {
-                        if activity.idle_for(idle) {
-                            tracing::debug!(%peer, "http connection idle: closed");
-                            return;
-                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
             }
@@ -238,4 +221,57 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection (plain or TLS) until it ends, goes idle, or the node drains it.
+async fn serve_connection<I>(
+    io: I,
+    app: Router,
+    builder: hyper::server::conn::http1::Builder,
+    activity: Arc<Activity>,
+    idle: Duration,
+    shutdown: CancellationToken,
+    peer: std::net::SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let router = TowerToHyperService::new(app);
+    let service = hyper::service::service_fn({
+        let activity = activity.clone();
+        move |req| {
+            let guard = InFlight::new(activity.clone());
+            let response = router.call(req);
+            async move {
+                let r = response.await;
+                drop(guard);
+                r
+            }
+        }
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let mut check = tokio::time::interval(idle / 4);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "http connection ended");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = check.tick() => {
+                if activity.idle_for(idle) {
+                    tracing::debug!(%peer, "http connection idle: closed");
+                    return;
+                }
+            }
+        }
+    }
 }
