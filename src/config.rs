@@ -349,6 +349,31 @@ pub struct TlsConfig {
     pub key_path: Option<std::path::PathBuf>,
 }
 
+/// What `imgate node` was given by flags or environment variables for its own entry.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOverrides {
+    /// `--id` / `IMGATE_NODE_ID`.
+    pub id: String,
+    /// `--http` / `IMGATE_HTTP`.
+    pub http: Option<SocketAddr>,
+    /// `--gossip` / `IMGATE_GOSSIP`.
+    pub gossip: Option<SocketAddr>,
+    /// `--quic` / `IMGATE_QUIC`.
+    pub quic: Option<SocketAddr>,
+    /// `--advertise` / `IMGATE_ADVERTISE`.
+    pub advertise: Option<String>,
+    /// `--public-url` / `IMGATE_PUBLIC_URL`.
+    pub public_url: Option<String>,
+    /// `--seeds` / `IMGATE_SEEDS`, comma separated; replaces `cluster.seeds`.
+    pub seeds: Option<String>,
+    /// `--cluster-id` / `IMGATE_CLUSTER_ID`.
+    pub cluster_id: Option<String>,
+    /// `--tls-cert` / `IMGATE_TLS_CERT`: sets `tls.cert_path`.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// `--tls-key` / `IMGATE_TLS_KEY`: sets `tls.key_path`.
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
 /// One `[[nodes]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -519,6 +544,34 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The configuration of `imgate node`: the file if any (else the defaults), the node's
+    /// flags and variables, the secret variables; then validated.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, key, flag or value at fault.
+    pub fn load_for_node(file: Option<&Path>, o: &NodeOverrides) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Config::parse(&text).map_err(|e| match e {
+                    ConfigError::Parse { message, .. } => ConfigError::Parse {
+                        path: path.display().to_string(),
+                        message,
+                    },
+                    other => other,
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_node_overrides(o)?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Parses TOML text (no env overrides, no validation).
     ///
     /// # Errors
@@ -542,6 +595,83 @@ impl Config {
         if let Some(secret) = get("IMGATE_CLUSTER_SECRET").filter(|s| !s.is_empty()) {
             self.cluster.secret = secret;
         }
+    }
+
+    /// Applies what `imgate node` was given by flags or `IMGATE_*` variables (which win over
+    /// the file): the entry of node `o.id` is updated, or created when the file does not list
+    /// it (then `http`, `gossip` and `quic` must all be given).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the flag (and variable) that is missing or bad.
+    pub fn apply_node_overrides(&mut self, o: &NodeOverrides) -> Result<(), ConfigError> {
+        if let Some(id) = &o.cluster_id {
+            self.cluster.id = id.clone();
+        }
+        if let Some(seeds) = &o.seeds {
+            self.cluster.seeds = seeds
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        if o.tls_cert.is_some() || o.tls_key.is_some() {
+            self.tls.cert_path = o.tls_cert.clone();
+            self.tls.key_path = o.tls_key.clone();
+        }
+        let index = match self.nodes.iter().position(|n| n.id == o.id) {
+            Some(i) => i,
+            None => {
+                let missing: Vec<&str> = [
+                    ("--http (IMGATE_HTTP)", o.http.is_none()),
+                    ("--gossip (IMGATE_GOSSIP)", o.gossip.is_none()),
+                    ("--quic (IMGATE_QUIC)", o.quic.is_none()),
+                ]
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(name, _)| *name)
+                .collect();
+                if !missing.is_empty() {
+                    return Err(invalid(
+                        "nodes",
+                        format!(
+                            "node `{}` is not listed in the file, so it needs {}",
+                            o.id,
+                            missing.join(", ")
+                        ),
+                    ));
+                }
+                let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+                self.nodes.push(NodeConfig {
+                    id: o.id.clone(),
+                    http: any,
+                    gossip: any,
+                    quic: any,
+                    advertise: None,
+                    public_url: None,
+                    cert_path: None,
+                    key_path: None,
+                });
+                self.nodes.len() - 1
+            }
+        };
+        let n = &mut self.nodes[index];
+        if let Some(a) = o.http {
+            n.http = a;
+        }
+        if let Some(a) = o.gossip {
+            n.gossip = a;
+        }
+        if let Some(a) = o.quic {
+            n.quic = a;
+        }
+        if let Some(a) = &o.advertise {
+            n.advertise = Some(a.clone());
+        }
+        if let Some(u) = &o.public_url {
+            n.public_url = Some(u.clone());
+        }
+        Ok(())
     }
 
     /// Checks values that parse but cannot work.
