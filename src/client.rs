@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -70,6 +71,9 @@ pub struct ClientConfig {
     /// `failed`), before the SDK decides whether to try again: for tests and reports that
     /// must see what the server said, not only the final outcome. `None` by default.
     pub attempts: Option<mpsc::UnboundedSender<Attempt>>,
+    /// Extra root certificates (PEM) trusted for `https://` and `wss://`, besides the public
+    /// roots (webpki-roots): for a cluster whose certificates come from a private CA.
+    pub ca_pem: Option<String>,
 }
 
 /// The node's answer to one attempt of a send (see [`ClientConfig::attempts`]).
@@ -106,6 +110,7 @@ impl ClientConfig {
             id_prefix: format!("{:08x}", rand::random::<u32>()),
             request_timeout: Duration::from_secs(2),
             attempts: None,
+            ca_pem: None,
         }
     }
 }
@@ -453,6 +458,45 @@ impl Login {
     }
 }
 
+/// The TLS settings of the client: the public roots plus the PEM certificates in `ca_pem`.
+///
+/// # Errors
+/// A message when `ca_pem` holds no usable certificate.
+pub fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(pem) = ca_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| format!("not PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("unusable certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("no CERTIFICATE block in ca_pem".into());
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| e.to_string())
+}
+
+/// Opens a WebSocket to `url` (`ws://` or `wss://`, the latter with `tls`).
+async fn connect(
+    url: String,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let connector = tokio_tungstenite::Connector::Rustls(tls);
+    tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+        .await
+        .map(|(ws, _)| ws)
+}
+
 async fn login(http: &reqwest::Client, cfg: &ClientConfig, start: usize) -> Option<Login> {
     for i in 0..cfg.nodes.len() {
         let base = cfg.nodes[(start + i) % cfg.nodes.len()].trim_end_matches('/');
@@ -492,7 +536,26 @@ async fn run(
     events: mpsc::Sender<Event>,
     stats: std::sync::Arc<ClientStats>,
 ) {
-    let http = reqwest::Client::new();
+    let tls = match tls_config(cfg.ca_pem.as_deref()) {
+        Ok(tls) => Arc::new(tls),
+        Err(e) => {
+            tracing::error!(error = %e, "client TLS configuration");
+            let _ = events.try_send(Event::Disconnected {
+                reason: format!("bad ca_pem: {e}"),
+            });
+            return;
+        }
+    };
+    let http = match reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .build()
+    {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP client");
+            return;
+        }
+    };
     let mut st = State {
         pending: PendingSet::default(),
         seen: Seen {
@@ -524,10 +587,9 @@ async fn run(
         };
         // 2. The WebSocket and its welcome (or a moved).
         let url = format!("{}?token={}", s.url, s.token);
-        let connected =
-            tokio::time::timeout(cfg.request_timeout, tokio_tungstenite::connect_async(url)).await;
+        let connected = tokio::time::timeout(cfg.request_timeout, connect(url, tls.clone())).await;
         let mut ws = match connected {
-            Ok(Ok((ws, _))) => ws,
+            Ok(Ok(ws)) => ws,
             _ => {
                 session = None; // the owner may be gone: ask a node again
                 if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {

@@ -82,6 +82,7 @@ pub fn router(shared: Arc<Shared>, tracker: TaskTracker) -> Router {
         .route("/login", post(login))
         .route("/ws", get(ws_upgrade))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .route("/api/push", post(api_push))
@@ -203,6 +204,41 @@ async fn health(State(state): State<AppState>) -> Response {
         "reachable": reachable, "ready": ready}),
     )
     .into_response()
+}
+
+/// `GET /ready`: 200 once the node can take its share of users (see `Shared::readiness`), else
+/// 503 with the reason. For readiness probes, rolling deploys, `imgate up` and the tests.
+async fn ready(State(state): State<AppState>) -> Response {
+    use crate::node::NotReady;
+    let s = &state.shared;
+    let view = s.current_view();
+    let (members, reachable) = (view.members.len(), s.reachable_members(&view));
+    match s.readiness() {
+        Ok(()) => Json(
+            json!({"ready": true, "node": &*s.node_id, "members": members,
+            "reachable": reachable}),
+        )
+        .into_response(),
+        Err(why) => {
+            let reason = match &why {
+                NotReady::Stopping => "stopping".to_string(),
+                NotReady::Degraded(w) => format!("degraded: {w}"),
+                NotReady::Links { members, reachable } => {
+                    format!("{reachable} of {members} members reachable")
+                }
+                NotReady::Settling => "membership changed moments ago".to_string(),
+                NotReady::Joining => "no other member seen yet".to_string(),
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(
+                    json!({"ready": false, "error": "not_ready", "message": reason,
+                    "node": &*s.node_id, "members": members, "reachable": reachable}),
+                ),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {

@@ -301,6 +301,10 @@ pub struct Shared {
     pub gossip_addr: SocketAddr,
     /// TLS for clients, if this node serves HTTPS and WSS.
     pub tls: Option<crate::client_tls::ClientTls>,
+    /// When the node started.
+    pub started: std::time::Instant,
+    /// When the membership view last changed, in ms after `started`.
+    view_changed_ms: AtomicU64,
     /// Token keys.
     pub tokens: TokenKeys,
     /// Metrics.
@@ -330,7 +334,75 @@ pub struct Shared {
     next_session: AtomicU64,
 }
 
+/// Why a node is not ready (`GET /ready`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// Shutting down.
+    Stopping,
+    /// Gossip or QUIC died.
+    Degraded(String),
+    /// Some live members cannot be reached over a link yet.
+    Links {
+        /// Members in the view.
+        members: usize,
+        /// Of them, reachable from here.
+        reachable: usize,
+    },
+    /// The view changed less than the settling time ago.
+    Settling,
+    /// Seeds are configured but no other member has been seen yet (within the join grace).
+    Joining,
+}
+
+/// How long a view must stay the same before a node is ready, in gossip rounds.
+const SETTLE_ROUNDS: u64 = 3;
+/// How long a node with seeds waits to meet another member before it is ready alone.
+const JOIN_GRACE: Duration = Duration::from_secs(5);
+
 impl Shared {
+    /// Records that the membership view changed now.
+    fn view_changed(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.view_changed_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether this node is ready for a rolling deploy to move on: not stopping or degraded;
+    /// it has met another member (or, with no other seed, or after a grace of 5 s, it is
+    /// alone); its view has not changed for 3 gossip rounds; and every live member is
+    /// reachable over its link, so that it names the same owners as every other node.
+    ///
+    /// # Errors
+    /// [`NotReady`] with the first reason.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if let Some(why) = self.degraded.get() {
+            return Err(NotReady::Degraded(why.clone()));
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(NotReady::Stopping);
+        }
+        let view = self.current_view();
+        let members = view.members.len();
+        let has_seeds = self
+            .cfg
+            .cluster
+            .seeds
+            .iter()
+            .any(|s| s.parse::<SocketAddr>().ok() != Some(self.gossip_addr));
+        if has_seeds && members < 2 && self.started.elapsed() < JOIN_GRACE {
+            return Err(NotReady::Joining);
+        }
+        let reachable = self.reachable_members(&view);
+        if reachable != members {
+            return Err(NotReady::Links { members, reachable });
+        }
+        let settle = Duration::from_millis(self.cfg.gossip.interval_ms * SETTLE_ROUNDS);
+        let changed = Duration::from_millis(self.view_changed_ms.load(Ordering::Relaxed));
+        if self.started.elapsed().saturating_sub(changed) < settle {
+            return Err(NotReady::Settling);
+        }
+        Ok(())
+    }
+
     /// A fresh session id.
     pub fn next_session_id(&self) -> SessionId {
         self.next_session.fetch_add(1, Ordering::Relaxed)
@@ -500,6 +572,8 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         ws_url,
         http_addr,
         tls: tls.clone(),
+        started: std::time::Instant::now(),
+        view_changed_ms: AtomicU64::new(0),
         gossip_addr: membership.gossip_addr(),
         metrics: metrics.clone(),
         engine: engine_tx,
@@ -1165,6 +1239,7 @@ impl Driver {
 
     /// A new membership view: relink, then move away the users this node no longer owns.
     fn on_view(&mut self, view: &Arc<View>) {
+        self.shared.view_changed();
         self.shared.links.update(view);
         // A node that left the view but still has its link up is draining: it hands what it
         // holds over and relays the outcomes, so its forwards wait (a dead one's link times out).
