@@ -7,15 +7,16 @@
 #   NAME   file name of the certificate: DIR/NAME.crt and DIR/NAME.key (also its CN)
 #   SAN    a name clients use to reach the node: a DNS name (wildcards such as
 #          *.imgate.chat.svc.cluster.local allowed) or an IPv4/IPv6 address
-#   -d DIR where to write (default ./certs); DIR/ca.crt and DIR/ca.key are made on the first
-#          run and reused after, so every certificate made into DIR shares one CA
+#   -d DIR where to write (default deploy/certs, git-ignored); DIR/ca.crt and DIR/ca.key are
+#          made on the first run and reused after, so every certificate made into DIR shares
+#          one CA. A DIR this script creates gets a .gitignore of `*`, so no key is committed.
 #   -n DAYS validity of the server certificate (default 397; the CA gets 3650)
 #   -w     make the key files readable by everyone (0644) instead of 0600: only for a local
 #          docker compose test, where the container's user (uid 10001) reads a bind mount
 #
 # Examples (docs/DEPLOY.md):
 #   deploy/gen-certs.sh -d deploy/compose/certs -w n1 localhost 127.0.0.1 n1
-#   deploy/gen-certs.sh -d certs imgate '*.imgate.chat.svc.cluster.local' chat.example.com
+#   deploy/gen-certs.sh imgate '*.imgate.chat.svc.cluster.local' chat.example.com
 #
 # Clients must trust DIR/ca.crt (curl --cacert, the OS or browser trust store). Keep
 # DIR/ca.key offline once the certificates are made. For a public service use a real CA
@@ -27,7 +28,7 @@ usage() {
   exit 2
 }
 
-dir=./certs
+dir="$(dirname "$0")/certs"
 days=397
 key_mode=600
 while getopts 'd:n:wh' opt; do
@@ -50,7 +51,10 @@ case "$days" in
 esac
 
 command -v openssl >/dev/null || { echo "gen-certs: openssl not found" >&2; exit 1; }
-mkdir -p "$dir"
+if [ ! -d "$dir" ]; then
+  mkdir -p "$dir"
+  printf '# made by deploy/gen-certs.sh: private keys, never commit\n*\n' > "$dir/.gitignore"
+fi
 umask 077
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
