@@ -4,6 +4,7 @@
 //! cargo run --release -- up                      # in one terminal
 //! cargo run --example chat -- --node http://127.0.0.1:9501 --uid alice
 //! cargo run --example chat -- --node http://127.0.0.1:9503 --uid bob
+//! cargo run --example chat -- --node https://n1.example:9501 --ca ca.pem --uid carol   # TLS
 //! ```
 //! Type `bob: hello` to send; `✓ delivered` appears when bob's client acked it. Give
 //! `--node` several times so the client can log in elsewhere when a node dies.
@@ -26,6 +27,9 @@ struct Args {
     /// Password (auth mode `users`).
     #[arg(long)]
     password: Option<String>,
+    /// A PEM file of extra root certificates to trust for https:// and wss:// (a private CA).
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -34,6 +38,9 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = ClientConfig::new(args.nodes, &args.uid);
     cfg.password = args.password;
     cfg.max_attempts = 5;
+    if let Some(ca) = &args.ca {
+        cfg.ca_pem = Some(std::fs::read_to_string(ca)?);
+    }
     let (client, mut incoming, mut events) = Client::start(cfg);
     println!("type `recipient: message`, Ctrl-D to quit");
     let mut lines = BufReader::new(tokio::io::stdin()).lines();

@@ -15,6 +15,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Cmd {
     /// Run one node (graceful shutdown on SIGINT/SIGTERM; SIGHUP re-reads the TLS files).
     /// Its entry comes from the file, from these flags or `IMGATE_*` variables (flags win over
