@@ -41,8 +41,8 @@ fn terminate(child: &Child) {
 }
 
 /// One look at whether the nodes at `bases` (`http://host:port`) form a ready cluster of
-/// `members`: each answers `/health` with that many members, all of them reachable over their
-/// links. `Err` says which node is not there yet and why.
+/// `members`: each answers `GET /ready` 200 with that many members (joined, settled, all of
+/// them reachable over their links). `Err` says which node is not there yet and why.
 ///
 /// # Errors
 /// A description of the first node that is not ready.
@@ -52,8 +52,8 @@ pub async fn check_ready(
     members: usize,
 ) -> Result<(), String> {
     for base in bases {
-        let health = http
-            .get(format!("{base}/health"))
+        let ready = http
+            .get(format!("{base}/ready"))
             .timeout(Duration::from_millis(500))
             .send()
             .await
@@ -61,12 +61,16 @@ pub async fn check_ready(
             .json::<serde_json::Value>()
             .await
             .map_err(|e| format!("{base}: {e}"))?;
-        let seen = health["members"].as_u64().unwrap_or(0);
-        let reachable = health["reachable"].as_u64().unwrap_or(0);
-        if seen != members as u64 || health["ready"] != true {
+        let seen = ready["members"].as_u64().unwrap_or(0);
+        let reachable = ready["reachable"].as_u64().unwrap_or(0);
+        if seen != members as u64 || ready["ready"] != true {
             return Err(format!(
-                "{base} ({}) sees {seen} of {members} members, {reachable} reachable",
-                health["node"].as_str().unwrap_or("?")
+                "{base} ({}) sees {seen} of {members} members, {reachable} reachable{}",
+                ready["node"].as_str().unwrap_or("?"),
+                ready["message"]
+                    .as_str()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
             ));
         }
     }
