@@ -531,3 +531,79 @@ fn a_node_whose_gossip_dies_exits_non_zero() {
     println!("gossip died at 300 ms; the process exited after {took:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `imgate node` configured by `IMGATE_*` variables alone, in a directory with no file (as in
+/// a container): it starts, becomes ready, serves a login, and stops cleanly on SIGTERM. A
+/// node the variables do not fully describe refuses to start and names what is missing.
+#[tokio::test]
+async fn a_node_from_variables_alone_starts_ready_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("imgate-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let http = proc_support::free_tcp();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+        .arg("node")
+        .current_dir(&dir)
+        .env("IMGATE_NODE_ID", "e1")
+        .env("IMGATE_HTTP", format!("127.0.0.1:{http}"))
+        .env(
+            "IMGATE_GOSSIP",
+            format!("127.0.0.1:{}", proc_support::free_udp()),
+        )
+        .env(
+            "IMGATE_QUIC",
+            format!("127.0.0.1:{}", proc_support::free_udp()),
+        )
+        .env("IMGATE_CLUSTER_ID", "env-test")
+        .env("IMGATE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("imgate runs");
+    let base = format!("http://127.0.0.1:{http}");
+    let took = imgate::up::wait_ready(std::slice::from_ref(&base), 1, Duration::from_secs(15))
+        .await
+        .expect("the node never became ready");
+    eprintln!("a node from variables alone was ready after {took:?}");
+    let login = reqwest::Client::new()
+        .post(format!("{base}/login"))
+        .json(&json!({"uid": "alice"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(login["node"], "e1", "{login}");
+    assert_eq!(login["url"], format!("ws://127.0.0.1:{http}/ws"), "{login}");
+    let pid = child.id().expect("running") as libc::pid_t;
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("no exit after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Without a file and without --quic: a clear refusal.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgate"))
+        .args([
+            "node",
+            "--id",
+            "e2",
+            "--http",
+            "127.0.0.1:0",
+            "--gossip",
+            "127.0.0.1:0",
+        ])
+        .current_dir(&dir)
+        .env_remove("IMGATE_QUIC")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--quic (IMGATE_QUIC)"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
