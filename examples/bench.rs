@@ -333,6 +333,9 @@ struct User {
 /// Most `moved` answers an imgate user follows while connecting (as the SDK does).
 const MAX_MOVES: usize = 3;
 
+/// `moved` answers followed while connecting, reported with the chat results.
+static MOVES_FOLLOWED: AtomicU64 = AtomicU64::new(0);
+
 const BODY: &str = "hello from the imgate bench";
 
 impl User {
@@ -363,6 +366,7 @@ impl User {
                         // The owner changed between login and connect: go where it says.
                         Some("moved") if moves < MAX_MOVES => {
                             moves += 1;
+                            MOVES_FOLLOWED.fetch_add(1, Ordering::Relaxed);
                             let url = f["url"].as_str().context("moved without url")?;
                             addr = ws_addr(url).to_string();
                             ws = ws_connect(&format!("{url}?token={token}"), src).await?;
@@ -734,6 +738,7 @@ async fn chat(
     Ok(json!({
         "scenario": "chat", "target": target.name(), "users": users, "window": window,
         "seconds": seconds, "rate_cap": rate, "cross_node_pairs": cross,
+        "moved_followed": MOVES_FOLLOWED.load(Ordering::Relaxed),
         "msgs_per_s": (delivered as f64 / seconds).round(), "delivered": delivered, "failed": failed,
         "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": hist.max() as f64 / 1000.0,
         "servers": per_server,
