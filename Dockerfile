@@ -4,8 +4,9 @@
 # Configure the node by environment (IMGATE_NODE_ID, IMGATE_HTTP, IMGATE_GOSSIP, ...);
 # see docs/DEPLOY.md. The image holds no cluster file and no secret.
 #
-# Written on a machine without a Docker engine: it was linted (hadolint, in .ci/run) but
-# never built there. docs/DEPLOY.md says what was and was not verified.
+# Written on a machine without a Docker engine: linted (hadolint, in .ci/run), its cargo
+# step run by hand on the same build context, but the image itself never built there.
+# docs/DEPLOY.md says what was and was not verified.
 
 ARG RUST_VERSION=1
 ARG DEBIAN_RELEASE=bookworm

@@ -84,7 +84,7 @@ def check_kubernetes():
     if any(labels.get(k) != v for k, v in selector.items()):
         bad(path, f"selector {selector} does not match the pod labels {labels}")
     if spec.get("podManagementPolicy") != "Parallel":
-        bad(path, "podManagementPolicy must be Parallel (pods are Ready only once joined)")
+        bad(path, "podManagementPolicy must be Parallel (the pods should join each other at once)")
     grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
     if grace < MIN_GRACE_S:
         bad(path, f"terminationGracePeriodSeconds {grace} < {MIN_GRACE_S}")
