@@ -932,6 +932,19 @@ impl Config {
                     format!("`{}` is listed twice", n.id),
                 ));
             }
+            // Peers dial the gossip and QUIC addresses a node announces, which are the bound
+            // ones: a wildcard would be announced as such and reached by nobody.
+            for (what, a) in [("gossip", n.gossip), ("quic", n.quic)] {
+                if a.ip().is_unspecified() {
+                    return Err(invalid(
+                        &format!("nodes[{i}].{what}"),
+                        format!(
+                            "{a} is a wildcard address; other nodes dial this address, so give \
+                             one they can reach (e.g. the host's or pod's IP)"
+                        ),
+                    ));
+                }
+            }
             for (what, a) in [("http", n.http), ("gossip", n.gossip), ("quic", n.quic)] {
                 if a.port() != 0 && !addrs.insert((a, what == "http")) {
                     return Err(invalid(

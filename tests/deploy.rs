@@ -376,6 +376,17 @@ fn a_node_from_flags_alone_or_over_a_file() {
     };
     let err = Config::load_for_node(Some(&file), &bad_url).unwrap_err();
     assert!(err.to_string().contains("public_url"), "{err}");
+    // A wildcard gossip or QUIC address would be announced to peers, who cannot dial it.
+    let wildcard = NodeOverrides {
+        id: "n1".into(),
+        gossip: Some("0.0.0.0:7001".parse().unwrap()),
+        ..NodeOverrides::default()
+    };
+    let err = Config::load_for_node(Some(&file), &wildcard).unwrap_err();
+    assert!(
+        err.to_string().contains("nodes[0].gossip") && err.to_string().contains("wildcard"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
