@@ -355,22 +355,49 @@ impl Net {
         }
     }
 
-    /// Packets the loss filters dropped so far (the `clsact` qdiscs' drop counters).
-    pub fn dropped(&self) -> u64 {
-        self.ends()
-            .iter()
-            .filter_map(|ns| tc_in(ns, &["-s", "qdisc", "show", "dev", "eth0"]).ok())
-            .map(|out| {
-                // "qdisc clsact ffff: parent ffff:fff1 \n Sent 1 bytes 2 pkt (dropped 3, ..."
-                out.split("qdisc ")
-                    .filter(|q| q.starts_with("clsact"))
-                    .filter_map(|q| {
-                        let at = q.find("(dropped ")? + "(dropped ".len();
-                        q[at..].split(',').next()?.trim().parse::<u64>().ok()
+    /// Packets the `clsact` qdiscs saw and those their loss filters dropped, summed over the
+    /// namespaces (frames written back by the delay line pass a second time and are counted
+    /// again in the first figure).
+    pub fn loss_counters(&self) -> (u64, u64) {
+        let mut seen = 0;
+        let mut dropped = 0;
+        for ns in self.ends() {
+            let Ok(out) = tc_in(&ns, &["-s", "qdisc", "show", "dev", "eth0"]) else {
+                continue;
+            };
+            // "qdisc clsact ffff: parent ffff:fff1 \n Sent 1 bytes 2 pkt (dropped 3, ..."
+            for q in out.split("qdisc ").filter(|q| q.starts_with("clsact")) {
+                let number_after = |label: &str| -> u64 {
+                    q.find(label)
+                        .and_then(|at| {
+                            q[at + label.len()..]
+                                .split([',', ' ', ')'])
+                                .next()?
+                                .trim()
+                                .parse()
+                                .ok()
+                        })
+                        .unwrap_or(0)
+                };
+                dropped += number_after("(dropped ");
+                seen += q
+                    .find(" bytes ")
+                    .and_then(|at| {
+                        q[at + " bytes ".len()..]
+                            .split(' ')
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
                     })
-                    .sum::<u64>()
-            })
-            .sum()
+                    .unwrap_or(0);
+            }
+        }
+        (seen, dropped)
+    }
+
+    /// Packets the loss filters dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.loss_counters().1
     }
 
     /// Frames the delay line held and wrote back so far.
