@@ -133,6 +133,11 @@ fn transport(cfg: &QuicConfig) -> Arc<quinn::TransportConfig> {
         quinn::IdleTimeout::try_from(Duration::from_millis(cfg.idle_timeout_ms))
             .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(10_000))),
     ));
+    // Nodes of a cluster sit on one network: quinn's default first guess of the RTT (333 ms)
+    // made a handshake whose first packets were lost (a link healing after a partition) wait
+    // about a second per retransmission, within a 3 s dial. 50 ms resends them quickly; on a
+    // slower path the only cost is a few early retransmissions before the RTT is measured.
+    t.initial_rtt(Duration::from_millis(50));
     t.max_concurrent_bidi_streams(0u32.into());
     t.max_concurrent_uni_streams(4u32.into());
     Arc::new(t)
