@@ -349,28 +349,40 @@ pub struct TlsConfig {
     pub key_path: Option<std::path::PathBuf>,
 }
 
-/// What `imgate node` was given by flags or environment variables for its own entry.
-#[derive(Debug, Clone, Default)]
+/// What `imgate node` was given by flags or environment variables for its own entry (flags
+/// win over variables).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct NodeOverrides {
-    /// `--id` / `IMGATE_NODE_ID`.
+    /// This node's id (its `[[nodes]]` entry, or a new one).
+    #[arg(long, env = "IMGATE_NODE_ID")]
     pub id: String,
-    /// `--http` / `IMGATE_HTTP`.
+    /// HTTP and WebSocket listen address, ip:port.
+    #[arg(long, env = "IMGATE_HTTP")]
     pub http: Option<SocketAddr>,
-    /// `--gossip` / `IMGATE_GOSSIP`.
+    /// Gossip (UDP) listen address, ip:port (not a wildcard: peers dial it).
+    #[arg(long, env = "IMGATE_GOSSIP")]
     pub gossip: Option<SocketAddr>,
-    /// `--quic` / `IMGATE_QUIC`.
+    /// QUIC (UDP) listen address, ip:port (not a wildcard: peers dial it).
+    #[arg(long, env = "IMGATE_QUIC")]
     pub quic: Option<SocketAddr>,
-    /// `--advertise` / `IMGATE_ADVERTISE`.
+    /// host:port used in the URLs given to clients.
+    #[arg(long, env = "IMGATE_ADVERTISE")]
     pub advertise: Option<String>,
-    /// `--public-url` / `IMGATE_PUBLIC_URL`.
+    /// The exact ws:// or wss:// URL given to clients (behind a TLS proxy).
+    #[arg(long, env = "IMGATE_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// `--seeds` / `IMGATE_SEEDS`, comma separated; replaces `cluster.seeds`.
+    /// Gossip addresses to join through, comma separated host:port (DNS names allowed);
+    /// replaces `cluster.seeds`.
+    #[arg(long, env = "IMGATE_SEEDS")]
     pub seeds: Option<String>,
-    /// `--cluster-id` / `IMGATE_CLUSTER_ID`.
+    /// The cluster id (`cluster.id`).
+    #[arg(long, env = "IMGATE_CLUSTER_ID")]
     pub cluster_id: Option<String>,
-    /// `--tls-cert` / `IMGATE_TLS_CERT`: sets `tls.cert_path`.
+    /// Certificate chain (PEM) for HTTPS and WSS (sets `tls.cert_path`).
+    #[arg(long, env = "IMGATE_TLS_CERT")]
     pub tls_cert: Option<std::path::PathBuf>,
-    /// `--tls-key` / `IMGATE_TLS_KEY`: sets `tls.key_path`.
+    /// Private key (PEM) for HTTPS and WSS (sets `tls.key_path`).
+    #[arg(long, env = "IMGATE_TLS_KEY")]
     pub tls_key: Option<std::path::PathBuf>,
 }
 
@@ -402,6 +414,20 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// An entry with these addresses and nothing else set.
+    pub fn new(id: &str, http: SocketAddr, gossip: SocketAddr, quic: SocketAddr) -> NodeConfig {
+        NodeConfig {
+            id: id.to_string(),
+            http,
+            gossip,
+            quic,
+            advertise: None,
+            public_url: None,
+            cert_path: None,
+            key_path: None,
+        }
+    }
+
     /// The certificate and key this node serves with, if any: its own pair, else `[tls]`'s.
     pub fn tls_files<'a>(
         &'a self,
@@ -642,16 +668,7 @@ impl Config {
                     ));
                 }
                 let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
-                self.nodes.push(NodeConfig {
-                    id: o.id.clone(),
-                    http: any,
-                    gossip: any,
-                    quic: any,
-                    advertise: None,
-                    public_url: None,
-                    cert_path: None,
-                    key_path: None,
-                });
+                self.nodes.push(NodeConfig::new(&o.id, any, any, any));
                 self.nodes.len() - 1
             }
         };
@@ -1063,16 +1080,7 @@ impl Config {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         Config {
             nodes: (1..=n)
-                .map(|i| NodeConfig {
-                    id: format!("n{i}"),
-                    http: any,
-                    gossip: any,
-                    quic: any,
-                    advertise: None,
-                    public_url: None,
-                    cert_path: None,
-                    key_path: None,
-                })
+                .map(|i| NodeConfig::new(&format!("n{i}"), any, any, any))
                 .collect(),
             ..Config::default()
         }

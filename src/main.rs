@@ -24,36 +24,8 @@ enum Cmd {
         /// The cluster file; without it, `cluster.toml` if there is one here, else none.
         #[arg(long, short, env = "IMGATE_CONFIG")]
         config: Option<PathBuf>,
-        /// This node's id (its `[[nodes]]` entry, or a new one).
-        #[arg(long, env = "IMGATE_NODE_ID")]
-        id: String,
-        /// HTTP and WebSocket listen address, ip:port.
-        #[arg(long, env = "IMGATE_HTTP")]
-        http: Option<std::net::SocketAddr>,
-        /// Gossip (UDP) listen address, ip:port.
-        #[arg(long, env = "IMGATE_GOSSIP")]
-        gossip: Option<std::net::SocketAddr>,
-        /// QUIC (UDP) listen address, ip:port.
-        #[arg(long, env = "IMGATE_QUIC")]
-        quic: Option<std::net::SocketAddr>,
-        /// host:port used in the URLs given to clients.
-        #[arg(long, env = "IMGATE_ADVERTISE")]
-        advertise: Option<String>,
-        /// The exact ws:// or wss:// URL given to clients (behind a TLS proxy).
-        #[arg(long, env = "IMGATE_PUBLIC_URL")]
-        public_url: Option<String>,
-        /// Gossip addresses to join through, comma separated host:port (DNS names allowed).
-        #[arg(long, env = "IMGATE_SEEDS")]
-        seeds: Option<String>,
-        /// The cluster id (`cluster.id`).
-        #[arg(long, env = "IMGATE_CLUSTER_ID")]
-        cluster_id: Option<String>,
-        /// Certificate chain (PEM) for HTTPS and WSS (`tls.cert_path`).
-        #[arg(long, env = "IMGATE_TLS_CERT")]
-        tls_cert: Option<PathBuf>,
-        /// Private key (PEM) for HTTPS and WSS (`tls.key_path`).
-        #[arg(long, env = "IMGATE_TLS_KEY")]
-        tls_key: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: imgate::config::NodeOverrides,
     },
     /// Run every `[[nodes]]` entry of the file as its own child process (so one can be
     /// killed alone), with each child's log lines prefixed by its id. Ctrl-C stops them all.
@@ -134,32 +106,9 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(imgate::up::run(cfg, config, stop_signal()))
         }
-        Cmd::Node {
-            config,
-            id,
-            http,
-            gossip,
-            quic,
-            advertise,
-            public_url,
-            seeds,
-            cluster_id,
-            tls_cert,
-            tls_key,
-        } => {
+        Cmd::Node { config, overrides } => {
             init_tracing();
-            let overrides = imgate::config::NodeOverrides {
-                id: id.clone(),
-                http,
-                gossip,
-                quic,
-                advertise,
-                public_url,
-                seeds,
-                cluster_id,
-                tls_cert,
-                tls_key,
-            };
+            let id = overrides.id.clone();
             let default_file = PathBuf::from("cluster.toml");
             let file = config.or_else(|| default_file.exists().then_some(default_file));
             let cfg = imgate::config::Config::load_for_node(file.as_deref(), &overrides)?;

@@ -439,6 +439,17 @@ fn sends_between(w: &World, from: Instant, to: Instant) -> Vec<(&(String, String
 }
 
 /// Waits until every send made so far has its outcome (bounded).
+/// Whether every user's client is connected at that user's owner.
+fn all_at_owners(
+    world: &Mutex<World>,
+    uids: &[String],
+    owner_of: &HashMap<String, String>,
+) -> bool {
+    let w = lock(world);
+    uids.iter()
+        .all(|u| w.at.get(u).is_some_and(|(n, _)| Some(n) == owner_of.get(u)))
+}
+
 async fn wait_outcomes(world: &Mutex<World>, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
@@ -776,11 +787,7 @@ async fn scenario(ctx: Ctx) {
     let took = wait_for(
         Duration::from_secs(20),
         "a: clients connected at their owners",
-        || {
-            let w = lock(&world);
-            uids.iter()
-                .all(|u| w.at.get(u).is_some_and(|(n, _)| Some(n) == owner_of.get(u)))
-        },
+        || all_at_owners(&world, &uids, &owner_of),
     )
     .await;
     println!(
@@ -873,11 +880,7 @@ async fn scenario(ctx: Ctx) {
     let c_settled = wait_for(
         Duration::from_secs(15),
         "c: clients back at their owners",
-        || {
-            let w = lock(&world);
-            uids.iter()
-                .all(|u| w.at.get(u).is_some_and(|(n, _)| Some(n) == owner_of.get(u)))
-        },
+        || all_at_owners(&world, &uids, &owner_of),
     )
     .await;
     println!(
