@@ -133,8 +133,13 @@ pub async fn run(
         if let Some(err) = child.stderr.take() {
             prefix_lines(node.id.clone(), err, true);
         }
+        let scheme = if node.tls_files(&cfg.tls).is_some() {
+            "https"
+        } else {
+            "http"
+        };
         println!(
-            "[up] node {} pid {} http://{} (gossip {}, quic {})",
+            "[up] node {} pid {} {scheme}://{} (gossip {}, quic {})",
             node.id,
             child.id().unwrap_or(0),
             node.advertise
@@ -150,9 +155,14 @@ pub async fn run(
             .advertise
             .clone()
             .unwrap_or_else(|| first.http.to_string());
-        println!("[up] chat page:   http://{http}/");
+        let scheme = if first.tls_files(&cfg.tls).is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("[up] chat page:   {scheme}://{http}/");
         println!(
-            "[up] log in:      curl -s -XPOST http://{http}/login -H 'content-type: application/json' -d '{{\"uid\":\"alice\"}}'"
+            "[up] log in:      curl -s -XPOST {scheme}://{http}/login -H 'content-type: application/json' -d '{{\"uid\":\"alice\"}}'"
         );
         println!("[up] any node answers /login; Ctrl-C stops every node");
     }
@@ -167,7 +177,16 @@ pub async fn run(
         })
         .collect();
     let members = bases.len();
+    // `up` is the loopback development runner: it does not know which CA to trust, so with
+    // TLS it says so instead of reporting a readiness it cannot see.
+    let tls = cfg.nodes.iter().any(|n| n.tls_files(&cfg.tls).is_some());
+    if tls {
+        println!("[up] TLS is on: check readiness with GET https://<node>/ready and your CA");
+    }
     tokio::spawn(async move {
+        if tls {
+            return;
+        }
         match wait_ready(&bases, members, READY_LIMIT).await {
             Ok(took) => println!(
                 "[up] cluster ready: {members} nodes, every link up (after {} ms)",
