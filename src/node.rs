@@ -771,7 +771,9 @@ impl NodeHandle {
             self.drain(bound / 2).await;
             self.shared.shutdown.cancel();
             self.tracker.close();
-            let _ = self.server.await;
+            // HTTP connections finish their request in progress; one that dribbles a body must
+            // not keep the links and gossip from closing explicitly, so this wait is bounded.
+            let _ = tokio::time::timeout(bound / 4, self.server).await;
             self.tracker.wait().await;
             self.shared.links.shutdown().await;
             self.membership.shutdown().await;
