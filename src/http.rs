@@ -623,6 +623,28 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The checks of a backend API request with a body, in order: the API key (401), a JSON
+/// content type (415), the body within `limit` bytes and its deadline (413, 408), a JSON
+/// object of type `T` (400).
+async fn api_request<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<T, ApiError> {
+    check_api_key(shared, headers)?;
+    if body_kind(headers)? != BodyKind::Json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json",
+        ));
+    }
+    let bytes = read_body(shared, headers, body, limit).await?;
+    json_object(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))
+}
+
 #[derive(Deserialize)]
 struct PushBody {
     to: Option<serde_json::Value>,
@@ -640,18 +662,8 @@ async fn api_push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let shared = &state.shared;
-    check_api_key(shared, &headers)?;
-    if body_kind(&headers)? != BodyKind::Json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send application/json",
-        ));
-    }
     let limit = shared.cfg.limits.max_body_bytes + shared.cfg.limits.max_login_body_bytes;
-    let bytes = read_body(shared, &headers, body, limit).await?;
-    let req: PushBody = json_object(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
+    let req: PushBody = api_request(shared, &headers, body, limit).await?;
     let to = match req.to {
         Some(serde_json::Value::String(s)) if validate_uid(&s).is_ok() => s,
         _ => {
@@ -803,23 +815,8 @@ async fn api_kick(
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shared = &state.shared;
-    check_api_key(shared, &headers)?;
-    if body_kind(&headers)? != BodyKind::Json {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send application/json",
-        ));
-    }
-    let bytes = read_body(
-        shared,
-        &headers,
-        body,
-        shared.cfg.limits.max_login_body_bytes,
-    )
-    .await?;
-    let req: KickBody = json_object(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
+    let limit = shared.cfg.limits.max_login_body_bytes;
+    let req: KickBody = api_request(shared, &headers, body, limit).await?;
     let uid = match req.uid {
         Some(serde_json::Value::String(s)) if validate_uid(&s).is_ok() => s,
         _ => return Err(ApiError::bad_request("`uid` must be a uid")),
