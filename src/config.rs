@@ -554,20 +554,25 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the file, key or value at fault.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg = Config::read(path)?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file (no env overrides, no validation); errors name the file.
+    fn read(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let mut cfg = Config::parse(&text).map_err(|e| match e {
+        Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
                 message,
             },
             other => other,
-        })?;
-        cfg.apply_env(|k| std::env::var(k).ok());
-        cfg.validate()?;
-        Ok(cfg)
+        })
     }
 
     /// The configuration of `imgate node`: the file if any (else the defaults), the node's
@@ -577,19 +582,7 @@ impl Config {
     /// [`ConfigError`] naming the file, key, flag or value at fault.
     pub fn load_for_node(file: Option<&Path>, o: &NodeOverrides) -> Result<Config, ConfigError> {
         let mut cfg = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                Config::parse(&text).map_err(|e| match e {
-                    ConfigError::Parse { message, .. } => ConfigError::Parse {
-                        path: path.display().to_string(),
-                        message,
-                    },
-                    other => other,
-                })?
-            }
+            Some(path) => Config::read(path)?,
             None => Config::default(),
         };
         cfg.apply_node_overrides(o)?;
