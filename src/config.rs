@@ -291,6 +291,13 @@ pub struct LimitsConfig {
     /// `error` `rate_limited`, and a session that goes on past another second's worth is
     /// closed with 4008. Default 4 × `sends_per_second`.
     pub other_frames_per_second: Option<u32>,
+    /// Messages forwarded to their owner node and waiting for its outcome, on this node; a
+    /// forward beyond it fails `rate_limited`. Gauge `imgate_forwards`. Default 262144.
+    pub max_forwards: usize,
+    /// HTTP API requests (push, presence, kick) waiting for an answer, on this node; beyond it
+    /// a push fails `rate_limited` and presence or kick answer 503 `busy`. Gauge
+    /// `imgate_pending_requests`. Default 65536.
+    pub max_pending_requests: usize,
 }
 
 impl LimitsConfig {
@@ -520,6 +527,8 @@ impl Default for LimitsConfig {
             max_sessions_per_user: 16,
             max_sessions: 200_000,
             other_frames_per_second: None,
+            max_forwards: 1 << 18,
+            max_pending_requests: 1 << 16,
         }
     }
 }
@@ -792,6 +801,8 @@ impl Config {
             ("limits.outbound_queue", l.outbound_queue),
             ("limits.max_sessions_per_user", l.max_sessions_per_user),
             ("limits.max_sessions", l.max_sessions),
+            ("limits.max_forwards", l.max_forwards),
+            ("limits.max_pending_requests", l.max_pending_requests),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));

@@ -2,7 +2,7 @@
 //!
 //! Inputs are method calls (a session opened or closed, a `send`, an `ack`, a message handed
 //! over by another node or the HTTP API, the passing of time); each takes `now` and appends
-//! [`Action`]s to an output buffer that a thin async driver ([`crate::node`]) carries out:
+//! [`Action`]s to an output buffer that the cluster core ([`crate::relay`]) turns into outputs:
 //! frames to push to sessions, sessions to close, outcomes to report to waiters that are not
 //! local sessions, messages to forward to other nodes. Timers are not armed here: the driver
 //! asks [`Engine::next_deadline`] and calls [`Engine::tick`] when it passes.
@@ -407,6 +407,21 @@ impl Engine {
             .iter()
             .map(|(id, s)| (*id, s.uid.clone()))
             .collect()
+    }
+
+    /// Users with sessions or messages in delivery here.
+    pub fn local_users(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.users.keys()
+    }
+
+    /// How many users have sessions or messages in delivery here.
+    pub fn local_user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether `uid` has sessions or messages in delivery here.
+    pub fn is_local_user(&self, uid: &str) -> bool {
+        self.users.contains_key(uid)
     }
 
     /// Users that have messages held for them.

@@ -25,7 +25,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{TokenError, random_id, unix_now, validate_uid, verify_password};
 use crate::config::AuthMode;
 use crate::engine::{Message, Outcome};
-use crate::node::{Command, Shared};
+use crate::relay::Answer;
+use crate::state::{Command, Shared};
 use crate::protocol::MAX_ID_BYTES;
 
 /// An HTTP error: a status and a JSON body `{"error": code, "message": text}`.
@@ -209,7 +210,7 @@ async fn health(State(state): State<AppState>) -> Response {
 /// `GET /ready`: 200 once the node can take its share of users (see `Shared::readiness`), else
 /// 503 with the reason. For readiness probes, rolling deploys, `imgate up` and the tests.
 async fn ready(State(state): State<AppState>) -> Response {
-    use crate::node::NotReady;
+    use crate::state::NotReady;
     let s = &state.shared;
     let view = s.current_view();
     let (members, reachable) = (view.members.len(), s.reachable_members(&view));
@@ -713,13 +714,13 @@ async fn api_push(
         .await
         .map_err(|_| ApiError::stopping())?;
     Ok(match tokio::time::timeout(wait, outcome).await {
-        Ok(Ok(Outcome::Delivered)) => {
+        Ok(Ok(Answer::Outcome(Outcome::Delivered))) => {
             Json(json!({"status": "delivered", "id": id})).into_response()
         }
-        Ok(Ok(Outcome::Failed(reason))) => {
+        Ok(Ok(Answer::Outcome(Outcome::Failed(reason)))) => {
             Json(json!({"status": "failed", "reason": reason.as_str(), "id": id})).into_response()
         }
-        Ok(Err(_)) => {
+        Ok(Ok(_) | Err(_)) => {
             return Err(ApiError::stopping());
         }
         Err(_) => (
@@ -730,13 +731,13 @@ async fn api_push(
     })
 }
 
-/// Hands `cmd` to the driver and waits for the owner's count on `answer`. The driver drops the
-/// answer when the owner cannot be asked; a peer that does not answer is given up on after
-/// 3 s: both are 503 `unreachable` with `message`.
+/// Hands `cmd` to the driver and waits for the owner's count on `answer`. An owner that cannot
+/// be asked, or does not answer within 3 s, is 503 `unreachable` with `message`; too many
+/// questions waiting already is 503 `busy`.
 async fn ask_owner(
     shared: &Shared,
     cmd: Command,
-    answer: oneshot::Receiver<usize>,
+    answer: oneshot::Receiver<Answer>,
     message: String,
 ) -> Result<usize, ApiError> {
     shared
@@ -745,7 +746,15 @@ async fn ask_owner(
         .await
         .map_err(|_| ApiError::stopping())?;
     match tokio::time::timeout(Duration::from_secs(3), answer).await {
-        Ok(Ok(n)) => Ok(n),
+        Ok(Ok(Answer::Sessions(n))) => Ok(n),
+        Ok(Ok(Answer::Busy)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!(
+                "too many requests wait for answers (limits.max_pending_requests = {})",
+                shared.cfg.limits.max_pending_requests
+            ),
+        )),
         _ => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unreachable",

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::engine::NodeId;
 use crate::gossip::AuthTransport;
 use crate::ring::Ring;
+pub use crate::view::{Member, View};
 
 /// Gossip key: WebSocket URL.
 pub const KEY_URL: &str = "url";
@@ -33,39 +34,6 @@ pub const KEY_QUIC: &str = "quic";
 pub const KEY_PROTO: &str = "proto";
 /// Gossip key: `serving` or `leaving`.
 pub const KEY_STATUS: &str = "status";
-
-/// A live member.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    /// Node id.
-    pub id: NodeId,
-    /// WebSocket URL for clients.
-    pub url: Arc<str>,
-    /// Advertised HTTP `host:port`.
-    pub http: String,
-    /// QUIC address.
-    pub quic: SocketAddr,
-    /// Gossip address.
-    pub gossip: SocketAddr,
-    /// Start time of that process (ms), chitchat's generation.
-    pub generation: u64,
-}
-
-/// One node's view of the cluster.
-#[derive(Debug, Clone)]
-pub struct View {
-    /// Live members by id, this node included.
-    pub members: BTreeMap<NodeId, Member>,
-    /// The ring over them.
-    pub ring: Ring,
-}
-
-impl View {
-    /// The ring version.
-    pub fn version(&self) -> u64 {
-        self.ring.version()
-    }
-}
 
 /// What this node gossips about itself.
 #[derive(Debug, Clone)]

@@ -74,6 +74,10 @@ pub struct Metrics {
     pub delivery_bytes: Gauge,
     /// Bytes of message bodies queued towards peer nodes, all peers together.
     pub peer_queue_bytes: Gauge,
+    /// Messages forwarded to their owner node and waiting for its outcome.
+    pub forwards: Gauge,
+    /// HTTP API requests (push, presence, kick) waiting for an answer.
+    pub pending_requests: Gauge,
     /// `users`-mode logins refused with 503 `busy` (the password-check queue was full).
     pub logins_busy: Counter,
     /// Seconds from taking a message to its first ack.
@@ -229,6 +233,16 @@ impl Metrics {
             "peer_queue_bytes",
             "Bytes of message bodies queued towards peer nodes",
         );
+        let forwards = gauge(
+            &mut registry,
+            "forwards",
+            "Messages forwarded to their owner node and waiting for its outcome",
+        );
+        let pending_requests = gauge(
+            &mut registry,
+            "pending_requests",
+            "HTTP API requests waiting for an answer",
+        );
         let logins_busy = counter(
             &mut registry,
             "logins_busy",
@@ -274,6 +288,8 @@ impl Metrics {
             kicks,
             delivery_bytes,
             peer_queue_bytes,
+            forwards,
+            pending_requests,
             logins_busy,
             delivery_latency,
             forward_latency,

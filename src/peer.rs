@@ -3,7 +3,7 @@
 //! The node with the smaller id dials; the other accepts. Each side opens one long-lived
 //! unidirectional stream for everything it sends (a [`wire::PREAMBLE`], a `Hello`, then frames
 //! written in batches), and reads the other side's stream. One task per peer owns the link: it
-//! dials (or waits for the accepted connection), writes what the engine driver queued, and on
+//! dials (or waits for the accepted connection), writes what the driver queued, and on
 //! loss marks the peer unreachable, drops what was queued, tells the driver (`PeerDown`, which
 //! fails the forwards in flight) and reconnects with backoff. Reading happens in a second task
 //! per link that hands frames to the driver.
@@ -30,9 +30,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::QuicConfig;
 use crate::engine::NodeId;
-use crate::membership::View;
 use crate::metrics::Metrics;
-use crate::node::Command;
+use crate::relay::LinkEvent;
+use crate::view::View;
 use crate::tls::{Credential, check_names_node, node_name};
 use crate::wire::{self, PeerFrame};
 
@@ -109,7 +109,7 @@ pub struct Links {
     endpoint: Endpoint,
     client: quinn::ClientConfig,
     peers: RwLock<HashMap<NodeId, Arc<Peer>>>,
-    engine: mpsc::Sender<Command>,
+    events: mpsc::Sender<LinkEvent>,
     cfg: QuicConfig,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -154,11 +154,11 @@ impl Links {
         bind: SocketAddr,
         secret: &str,
         cfg: QuicConfig,
-        engine: mpsc::Sender<Command>,
+        events: mpsc::Sender<LinkEvent>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Links>, PeerError> {
         let cred = Credential::for_node(secret, &me)?;
-        Links::start_with(me, cluster, bind, &cred, cfg, engine, metrics)
+        Links::start_with(me, cluster, bind, &cred, cfg, events, metrics)
     }
 
     /// [`Links::start`] with a given credential (tests build ones that name another node).
@@ -168,7 +168,7 @@ impl Links {
         bind: SocketAddr,
         cred: &Credential,
         cfg: QuicConfig,
-        engine: mpsc::Sender<Command>,
+        events: mpsc::Sender<LinkEvent>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Links>, PeerError> {
         let server_crypto = QuicServerConfig::try_from(cred.server_config()?)
@@ -187,7 +187,7 @@ impl Links {
             endpoint,
             client,
             peers: RwLock::new(HashMap::new()),
-            engine,
+            events,
             cfg,
             metrics,
             stop: CancellationToken::new(),
@@ -278,32 +278,33 @@ impl Links {
         peer
     }
 
-    /// Queues `frame` for `node`. False if there is no link to it or its queue is full (in
-    /// frames, `quic.peer_queue`, or in bytes, `quic.peer_queue_bytes`).
-    pub fn send(&self, node: &str, frame: PeerFrame) -> bool {
+    /// Queues `frame` for `node`.
+    ///
+    /// # Errors
+    /// The frame back if there is no link to `node` or its queue is full (in frames,
+    /// `quic.peer_queue`, or in bytes, `quic.peer_queue_bytes`).
+    pub fn send(&self, node: &str, frame: PeerFrame) -> Result<(), PeerFrame> {
         let peers = self.peers.read().expect("peers lock");
         let Some(p) = peers.get(node) else {
-            return false;
+            return Err(frame);
         };
         if p.failed.load(Ordering::Relaxed) {
-            return false;
+            return Err(frame);
         }
         let n = queued_size(&frame);
         if n > 0 {
             let before = p.queued_bytes.fetch_add(n, Ordering::Relaxed);
             if before + n > self.cfg.peer_queue_bytes {
                 p.queued_bytes.fetch_sub(n, Ordering::Relaxed);
-                return false;
+                return Err(frame);
             }
             self.metrics.peer_queue_bytes.inc_by(n as i64);
         }
-        match p.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(e) => {
-                p.dequeued(&e.into_inner(), &self.metrics);
-                false
-            }
-        }
+        p.tx.try_send(frame).map_err(|e| {
+            let frame = e.into_inner();
+            p.dequeued(&frame, &self.metrics);
+            frame
+        })
     }
 
     /// Whether `node` can be used as an owner from here: its link is up.
@@ -478,11 +479,11 @@ async fn read_frames(links: Arc<Links>, node: NodeId, mut reader: FrameReader, c
                 return;
             }
         };
-        let cmd = Command::Peer {
+        let event = LinkEvent::Frame {
             from: node.clone(),
             frame,
         };
-        if links.engine.send(cmd).await.is_err() {
+        if links.events.send(event).await.is_err() {
             return;
         }
     }
@@ -563,12 +564,7 @@ async fn serve_peer(
         peer.up.store(true, Ordering::Relaxed);
         links.metrics.quic_peers.inc();
         tracing::info!(peer = %peer.id, remote = %conn.remote_address(), "peer link up");
-        let _ = links
-            .engine
-            .send(Command::PeerUp {
-                node: peer.id.clone(),
-            })
-            .await;
+        let _ = links.events.send(LinkEvent::Up(peer.id.clone())).await;
         links.tracker.spawn(read_frames(
             links.clone(),
             peer.id.clone(),
@@ -586,6 +582,7 @@ async fn serve_peer(
                     conn.close(0u32.into(), b"bye");
                     peer.up.store(false, Ordering::Relaxed);
                     links.metrics.quic_peers.dec();
+                    link_down(links, peer, rx).await;
                     return;
                 }
                 reason = conn.closed() => break format!("closed: {reason}"),
@@ -635,12 +632,7 @@ async fn link_down(links: &Links, peer: &Peer, rx: &mut mpsc::Receiver<PeerFrame
         peer.dequeued(&f, &links.metrics);
     }
     if !was_failed {
-        let _ = links
-            .engine
-            .send(Command::PeerDown {
-                node: peer.id.clone(),
-            })
-            .await;
+        let _ = links.events.send(LinkEvent::Down(peer.id.clone())).await;
     }
 }
 
@@ -672,12 +664,12 @@ mod tests {
         }
     }
 
-    fn links(id: &str, engine: mpsc::Sender<Command>) -> Arc<Links> {
-        links_named(id, id, engine)
+    fn links(id: &str, events: mpsc::Sender<LinkEvent>) -> Arc<Links> {
+        links_named(id, id, events)
     }
 
     /// Links of node `id` whose certificate names node `named`.
-    fn links_named(id: &str, named: &str, engine: mpsc::Sender<Command>) -> Arc<Links> {
+    fn links_named(id: &str, named: &str, events: mpsc::Sender<LinkEvent>) -> Arc<Links> {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         Links::start_with(
             Arc::from(id),
@@ -685,7 +677,7 @@ mod tests {
             any,
             &Credential::for_node("secret", named).unwrap(),
             QuicConfig::default(),
-            engine,
+            events,
             Arc::new(Metrics::new()),
         )
         .unwrap()
@@ -727,11 +719,11 @@ mod tests {
     }
 
     /// Waits for `PeerUp` of `node` on `rx`, at most `limit`; false if none came.
-    async fn peer_up(rx: &mut mpsc::Receiver<Command>, node: &str, limit: Duration) -> bool {
+    async fn peer_up(rx: &mut mpsc::Receiver<LinkEvent>, node: &str, limit: Duration) -> bool {
         tokio::time::timeout(limit, async {
             loop {
                 match rx.recv().await {
-                    Some(Command::PeerUp { node: n }) if &*n == node => return,
+                    Some(LinkEvent::Up(n)) if &*n == node => return,
                     Some(_) => {}
                     None => std::future::pending::<()>().await,
                 }
@@ -798,7 +790,7 @@ mod tests {
         assert!(!peer_up(&mut rx3, "n2", Duration::from_millis(1500)).await);
         let mut down = false;
         while let Ok(cmd) = rx2.try_recv() {
-            down |= matches!(cmd, Command::PeerDown { .. } | Command::PeerUp { .. });
+            down |= matches!(cmd, LinkEvent::Down(_) | LinkEvent::Up(_));
         }
         assert!(
             !down,
@@ -824,13 +816,11 @@ mod tests {
         ]);
         n1.update(&v);
         assert!(!n1.reachable("n2"), "reachable before any link is up");
-        assert!(!n1.send(
-            "n2",
-            PeerFrame::PresenceQuery {
-                req: 1,
-                uid: "u".into()
-            }
-        ));
+        let query = PeerFrame::PresenceQuery {
+            req: 1,
+            uid: "u".into(),
+        };
+        assert!(n1.send("n2", query).is_err());
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             !n1.reachable("n2"),
@@ -851,13 +841,11 @@ mod tests {
         introduce(&n1, &n2);
         assert!(peer_up(&mut rx1, "n2", Duration::from_secs(10)).await);
         assert!(n1.reachable("n2") && n1.is_up("n2"));
-        assert!(n1.send(
-            "n2",
-            PeerFrame::PresenceQuery {
-                req: 1,
-                uid: "u".into()
-            }
-        ));
+        let query = PeerFrame::PresenceQuery {
+            req: 1,
+            uid: "u".into(),
+        };
+        assert!(n1.send("n2", query).is_ok());
         n1.shutdown().await;
         n2.shutdown().await;
     }
@@ -910,7 +898,7 @@ mod tests {
         let mut accepted = 0u64;
         let mut refused = false;
         for tag in 0..2000 {
-            if n1.send("n2", deliver(tag)) {
+            if n1.send("n2", deliver(tag)).is_ok() {
                 accepted += 1;
                 let queued = metrics1.peer_queue_bytes.get();
                 assert!(queued as usize <= budget, "{queued} bytes queued");
@@ -943,7 +931,7 @@ mod tests {
             "{} bytes still queued",
             metrics1.peer_queue_bytes.get()
         );
-        assert!(n1.send("n2", deliver(9999)));
+        assert!(n1.send("n2", deliver(9999)).is_ok());
         n1.shutdown().await;
         n2.shutdown().await;
     }

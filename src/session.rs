@@ -18,7 +18,7 @@
 //! over the budget.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
@@ -27,7 +27,9 @@ use tokio::time::Instant;
 
 use crate::auth::{Claims, TokenError, unix_now};
 use crate::engine::{CloseReason, SessionId};
-use crate::node::{Command, Outbox, SessionEnd, Shared};
+use crate::outbox::{FrameQueue, Outbox};
+use crate::relay::SessionEnd;
+use crate::state::{Command, Shared};
 use crate::protocol::{ClientFrame, FrameError, ServerFrame, parse_client_frame};
 
 /// Close code: idle timeout.
@@ -230,14 +232,13 @@ async fn serve(
     {
         return e.reason();
     }
-    let token_iat = Arc::new(AtomicU64::new(iat));
-    let (outbox, frames, mut close_rx) =
-        Outbox::new(shared.cfg.limits.outbound_queue, token_iat.clone());
+    let (outbox, frames, mut close_rx) = Outbox::new(shared.cfg.limits.outbound_queue);
     let _closed = CloseOnDrop(frames.clone());
     let mut batch: Vec<ServerFrame> = Vec::new();
     let open = Command::Open {
         session,
         uid: uid.clone(),
+        iat,
         outbox,
     };
     if shared.engine.send(open).await.is_err() {
@@ -351,7 +352,7 @@ async fn serve(
                     Reply::Frame(frame) => answer!(frame),
                     Reply::Close => close!(CLOSE_FLOODING, "too many frames"),
                     Reply::Refreshed { iat, exp } => {
-                        token_iat.store(iat, Ordering::Relaxed);
+                        let _ = shared.engine.send(Command::Refreshed { session, iat }).await;
                         expiry.as_mut().reset(expiry_deadline(exp, leeway));
                         answer!(ServerFrame::Refreshed { expires_at: exp });
                     }
@@ -424,7 +425,7 @@ fn tungstenite_error(e: &axum::Error) -> Option<&tokio_tungstenite::tungstenite:
 }
 
 /// Marks the frame queue closed when the session ends, however it ends.
-struct CloseOnDrop(std::sync::Arc<crate::node::FrameQueue>);
+struct CloseOnDrop(Arc<FrameQueue>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {

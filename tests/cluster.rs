@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use cluster_support::{Client, Cluster, expect_delivery, first_uid};
 use imgate::engine::Message;
-use imgate::node::{Command, Outbox, SessionEnd};
+use imgate::outbox::Outbox;
+use imgate::relay::{Answer, LinkEvent, SessionEnd};
+use imgate::state::Command;
 use imgate::wire::{PeerFrame, WireMessage};
 use serde_json::json;
 
@@ -390,11 +392,12 @@ async fn driver_rechecks_ownership_when_a_session_opens() {
     c.wait_converged(2).await;
     let uid = owned_by(&c, "n2", "u");
     let n1 = c.nodes[0].shared();
-    let (outbox, frames, end) = Outbox::new(16, Default::default());
+    let (outbox, frames, end) = Outbox::new(16);
     n1.engine
         .send(Command::Open {
             session: n1.next_session_id(),
             uid: uid.as_str().into(),
+            iat: 0,
             outbox,
         })
         .await
@@ -477,7 +480,7 @@ async fn a_deliver_that_reaches_a_non_owner_is_passed_on() {
     let b = owned_by(&c, "n2", "b");
     let mut bob = Client::login(&c.nodes[1].http_url(), &b).await;
     let n3 = c.nodes[2].shared();
-    let deliver = |id: &str, hops: u8| Command::Peer {
+    let deliver = |id: &str, hops: u8| LinkEvent::Frame {
         from: "n1".into(),
         frame: PeerFrame::Deliver {
             tag: 7,
@@ -485,7 +488,7 @@ async fn a_deliver_that_reaches_a_non_owner_is_passed_on() {
             msg: wire("alice", id, &b),
         },
     };
-    n3.engine.send(deliver("stale-1", 0)).await.unwrap();
+    n3.link_events.send(deliver("stale-1", 0)).await.unwrap();
     let m = bob.expect("msg").await;
     assert_eq!(
         (m["id"].as_str(), m["from"].as_str()),
@@ -494,7 +497,7 @@ async fn a_deliver_that_reaches_a_non_owner_is_passed_on() {
     bob.ack(m["seq"].as_u64().unwrap()).await;
     assert_eq!(c.metric(2, "imgate_messages_forwarded_total").await, 1);
     // At the bound it is not passed on again: the node holds it for the user itself.
-    n3.engine.send(deliver("stale-2", 2)).await.unwrap();
+    n3.link_events.send(deliver("stale-2", 2)).await.unwrap();
     cluster_support::wait_until(Duration::from_secs(5), || n3.metrics.held.get() == 1).await;
     bob.expect_nothing(Duration::from_millis(200)).await;
     assert_eq!(c.metric(2, "imgate_messages_forwarded_total").await, 1);
@@ -521,8 +524,8 @@ async fn a_malformed_deliver_from_a_peer_is_refused() {
     let mut oversize = wire("alice", "x5", &b);
     oversize.body = format!("\"{}\"", "x".repeat(n2.cfg.limits.max_body_bytes));
     for (i, msg) in bad.into_iter().chain([oversize]).enumerate() {
-        n2.engine
-            .send(Command::Peer {
+        n2.link_events
+            .send(LinkEvent::Frame {
                 from: "n1".into(),
                 frame: PeerFrame::Deliver {
                     tag: i as u64,
@@ -539,8 +542,8 @@ async fn a_malformed_deliver_from_a_peer_is_refused() {
             .contains(&format!("{invalid} {}", before + 5))
     })
     .await;
-    n2.engine
-        .send(Command::Peer {
+    n2.link_events
+        .send(LinkEvent::Frame {
             from: "n1".into(),
             frame: PeerFrame::Deliver {
                 tag: 9,
@@ -600,14 +603,14 @@ async fn a_link_down_keeps_presence_questions_to_other_nodes() {
         .send(Command::Presence { uid, reply })
         .await
         .unwrap();
-    n1.engine
-        .send(Command::PeerDown { node: "n2".into() })
+    n1.link_events
+        .send(LinkEvent::Down("n2".into()))
         .await
         .unwrap();
     let sessions = tokio::time::timeout(cluster_support::WAIT, answer)
         .await
         .expect("an answer in time")
         .expect("the question to n3 was kept");
-    assert_eq!(sessions, 0);
+    assert_eq!(sessions, Answer::Sessions(0));
     c.shutdown().await;
 }

@@ -427,7 +427,7 @@ async fn ready_waits_for_a_settled_view_and_says_why_not() {
     shared.shutdown.cancel();
     assert!(matches!(
         shared.readiness(),
-        Err(imgate::node::NotReady::Stopping)
+        Err(imgate::state::NotReady::Stopping)
     ));
     node.shutdown().await;
     lonely.shutdown().await;

@@ -504,7 +504,7 @@ async fn after_a_kick_and_the_owners_death_the_new_owner_refuses_the_old_token()
         c.nodes[index_of(&c, &y_id)].shared().clone(),
         c.nodes[index_of(&c, &z_id)].shared().clone(),
     );
-    let owned_by_z = |s: &imgate::node::Shared| s.owner_of(uid).is_some_and(|o| *o.node == *z_id);
+    let owned_by_z = |s: &imgate::state::Shared| s.owner_of(uid).is_some_and(|o| *o.node == *z_id);
     wait_until(SPREAD, || owned_by_z(&z_shared) && owned_by_z(&y_shared)).await;
     wait_until(SPREAD, || z_shared.kicks.revokes(uid, old_iat)).await;
     let z = &c.nodes[index_of(&c, &z_id)];

@@ -1,0 +1,367 @@
+//! Unit tests of the relay: one core at a time, fed by hand, no sockets and no sleeps.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use super::*;
+use crate::ring::Ring;
+use crate::view::Member;
+
+fn t0() -> Instant {
+    Instant::now()
+}
+
+fn view(ids: &[&str]) -> Arc<View> {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let members: BTreeMap<NodeId, Member> = ids
+        .iter()
+        .map(|id| {
+            let id: NodeId = Arc::from(*id);
+            let m = Member {
+                id: id.clone(),
+                url: Arc::from(format!("ws://{id}/ws")),
+                http: format!("{id}:80"),
+                quic: any,
+                gossip: any,
+                generation: 1,
+            };
+            (id, m)
+        })
+        .collect();
+    let ring = Ring::new(members.keys().cloned(), 64, 1);
+    Arc::new(View { members, ring })
+}
+
+fn relay(me: &str, cfg: RelayConfig) -> Relay {
+    Relay::new(cfg, Arc::from(me), Arc::new(Metrics::new()))
+}
+
+fn drain(r: &mut Relay) -> Vec<Output> {
+    std::iter::from_fn(|| r.poll_output()).collect()
+}
+
+/// A uid whose preference list starts with `order`, in `v`.
+fn uid_with_preference(v: &View, order: &[&str]) -> String {
+    (0..10_000)
+        .map(|i| format!("user{i}"))
+        .find(|u| {
+            let pref = v.ring.preference(u);
+            order.iter().zip(&pref).all(|(a, b)| *a == &**b)
+        })
+        .expect("some uid has that preference")
+}
+
+/// A uid whose preference list starts with `first`, in `v`.
+fn uid_with_primary(v: &View, first: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("user{i}"))
+        .find(|u| v.ring.primary(u).is_some_and(|p| &**p == first))
+        .expect("some uid lands there")
+}
+
+fn open(r: &mut Relay, now: Instant, session: SessionId, uid: &str, iat: u64) {
+    let event = ClientEvent::Open {
+        session,
+        uid: Arc::from(uid),
+        iat,
+        revoked: false,
+    };
+    r.handle_client(now, event);
+}
+
+fn send(r: &mut Relay, now: Instant, session: SessionId, id: &str, to: &str) {
+    let body: Body = Arc::from(serde_json::value::RawValue::from_string("{}".into()).unwrap());
+    let event = ClientEvent::Send {
+        session,
+        id: id.into(),
+        to: to.into(),
+        body,
+        ts: 1,
+    };
+    r.handle_client(now, event);
+}
+
+fn peer_frames(out: &[Output]) -> Vec<(&str, &PeerFrame)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Peer { node, frame } => Some((&**node, frame)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failed_reasons(out: &[Output]) -> Vec<FailReason> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Session {
+                frame: ServerFrame::Failed { reason, .. },
+                ..
+            } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A member of the view whose link never came up owns nobody: its users are this node's.
+#[test]
+fn a_member_without_a_link_up_owns_nobody() {
+    let now = t0();
+    let v = view(&["n1", "n2"]);
+    let mut r = relay("n1", RelayConfig::default());
+    r.handle_view(now, v.clone());
+    let theirs = uid_with_primary(&v, "n2");
+    assert_eq!(r.route(&theirs), Route::Local);
+    assert_eq!(&*r.owner(&theirs).unwrap().node, "n1");
+    r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
+    assert_eq!(r.route(&theirs), Route::Remote(Arc::from("n2")));
+}
+
+/// A session opened after the view moved its user elsewhere is moved at once.
+#[test]
+fn a_session_of_a_user_owned_elsewhere_is_moved_on_open() {
+    let now = t0();
+    let v = view(&["n1", "n2"]);
+    let theirs = uid_with_primary(&v, "n2");
+    let mut r = relay("n1", RelayConfig::default());
+    r.handle_view(now, v);
+    r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
+    drain(&mut r);
+    open(&mut r, now, 7, &theirs, 0);
+    let out = drain(&mut r);
+    assert!(
+        matches!(&out[..], [Output::End { session: 7, end: SessionEnd::Moved(o) }] if &*o.node == "n2"),
+        "{out:?}"
+    );
+    assert_eq!(r.status().sessions, 0);
+}
+
+/// Users kept here while their preferred peer was unreachable move to it when its link comes
+/// up; users this node owns anyway stay.
+#[test]
+fn a_link_coming_up_hands_over_only_the_users_that_prefer_that_peer() {
+    let now = t0();
+    let v = view(&["n1", "n2", "n3"]);
+    let theirs = uid_with_preference(&v, &["n2", "n1"]);
+    let mine = uid_with_primary(&v, "n1");
+    let mut r = relay("n1", RelayConfig::default());
+    r.handle_view(now, v);
+    r.handle_link(now, LinkEvent::Up(Arc::from("n3")));
+    open(&mut r, now, 1, &theirs, 0);
+    open(&mut r, now, 2, &mine, 0);
+    drain(&mut r);
+    assert_eq!(r.status().sessions, 2);
+    assert_eq!(r.handover_index_len(), 1, "filed under n2 for the hand-over");
+    r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
+    let out = drain(&mut r);
+    let ended: Vec<SessionId> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::End { session, .. } => Some(*session),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, vec![1], "{out:?}");
+    assert_eq!(r.sessions(), vec![(2, Arc::from(mine.as_str()))]);
+    // A link going down moves nobody away.
+    r.handle_link(now, LinkEvent::Down(Arc::from("n3")));
+    assert!(!drain(&mut r).iter().any(|o| matches!(o, Output::End { .. })));
+}
+
+/// A forward in flight fails `unreachable` when its link goes down, and a refused frame fails
+/// its forward at once.
+#[test]
+fn forwards_fail_when_their_link_goes_down_or_refuses_them() {
+    let now = t0();
+    let v = view(&["n1", "n2"]);
+    let theirs = uid_with_primary(&v, "n2");
+    let mine = uid_with_primary(&v, "n1");
+    let mut r = relay("n1", RelayConfig::default());
+    r.handle_view(now, v);
+    r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
+    open(&mut r, now, 1, &mine, 0);
+    drain(&mut r);
+    send(&mut r, now, 1, "a", &theirs);
+    let out = drain(&mut r);
+    let frames = peer_frames(&out);
+    assert!(matches!(frames[..], [("n2", PeerFrame::Deliver { hops: 0, .. })]));
+    assert_eq!(r.forward_count(), 1);
+    r.handle_link(now, LinkEvent::Down(Arc::from("n2")));
+    assert_eq!(failed_reasons(&drain(&mut r)), vec![FailReason::Unreachable]);
+    assert_eq!(r.forward_count(), 0);
+
+    r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
+    send(&mut r, now, 1, "b", &theirs);
+    let out = drain(&mut r);
+    let Some(Output::Peer { node, frame }) = out.into_iter().find(|o| matches!(o, Output::Peer { .. })) else {
+        panic!("no forward");
+    };
+    r.handle_refused(now, &node, frame);
+    assert_eq!(failed_reasons(&drain(&mut r)), vec![FailReason::Unreachable]);
+    assert_eq!(r.forward_count(), 0);
+}
+
+/// Past `max_forwards`, a forward fails `rate_limited`; the table never grows past it.
+#[test]
+fn the_forward_table_is_bounded() {
+    let now = t0();
+    let v = view(&["n1", "n2"]);
+    let theirs = uid_with_primary(&v, "n2");
+    let mine = uid_with_primary(&v, "n1");
+    let cfg = RelayConfig {
+        max_forwards: 2,
+        ..RelayConfig::default()
+    };
+    let mut r = relay("n1", cfg);
+    r.handle_view(now, v);
+    r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
+    open(&mut r, now, 1, &mine, 0);
+    for id in ["a", "b", "c"] {
+        send(&mut r, now, 1, id, &theirs);
+    }
+    let out = drain(&mut r);
+    assert_eq!(peer_frames(&out).len(), 2);
+    assert_eq!(failed_reasons(&out), vec![FailReason::RateLimited]);
+    assert_eq!(r.forward_count(), 2);
+}
+
+/// A message from a peer for a user owned elsewhere is passed on at most twice, then kept here.
+#[test]
+fn the_hops_rule_stops_re_forwarding() {
+    let now = t0();
+    let v = view(&["n1", "n2", "n3"]);
+    let theirs = uid_with_primary(&v, "n3");
+    let mut r = relay("n1", RelayConfig::default());
+    r.handle_view(now, v);
+    for p in ["n2", "n3"] {
+        r.handle_link(now, LinkEvent::Up(Arc::from(p)));
+    }
+    drain(&mut r);
+    let deliver = |hops| PeerFrame::Deliver {
+        tag: 9,
+        hops,
+        msg: WireMessage {
+            from: "alice".into(),
+            id: format!("m{hops}"),
+            to: theirs.clone(),
+            body: "{}".into(),
+            ts: 1,
+        },
+    };
+    let from: NodeId = Arc::from("n2");
+    r.handle_link(now, LinkEvent::Frame { from: from.clone(), frame: deliver(1) });
+    let out = drain(&mut r);
+    assert!(matches!(peer_frames(&out)[..], [("n3", PeerFrame::Deliver { hops: 2, .. })]));
+    r.handle_link(now, LinkEvent::Frame { from, frame: deliver(2) });
+    assert!(peer_frames(&drain(&mut r)).is_empty(), "kept here");
+    assert_eq!(r.status().deliveries, 1);
+}
+
+/// A presence question is answered by the peer asked (not another), once; one left unanswered
+/// is given up by the sweep; past `max_requests` the answer is `Busy`.
+#[test]
+fn questions_to_peers_are_answered_once_swept_and_bounded() {
+    let now = t0();
+    let v = view(&["n1", "n2", "n3"]);
+    let theirs = uid_with_primary(&v, "n2");
+    let cfg = RelayConfig {
+        max_requests: 2,
+        ..RelayConfig::default()
+    };
+    let mut r = relay("n1", cfg);
+    r.handle_view(now, v);
+    for p in ["n2", "n3"] {
+        r.handle_link(now, LinkEvent::Up(Arc::from(p)));
+    }
+    drain(&mut r);
+    let a = r.presence(now, &theirs);
+    let b = r.presence(now, &theirs);
+    let c = r.presence(now, &theirs);
+    let out = drain(&mut r);
+    assert!(out.iter().any(|o| matches!(o, Output::Answer { req, answer: Answer::Busy } if *req == c)));
+    assert_eq!(r.request_count(), 2);
+    let answer = |req| PeerFrame::PresenceAnswer { req, sessions: 3 };
+    r.handle_link(now, LinkEvent::Frame { from: Arc::from("n3"), frame: answer(a) });
+    assert!(drain(&mut r).is_empty(), "an answer from a peer not asked is ignored");
+    r.handle_link(now, LinkEvent::Frame { from: Arc::from("n2"), frame: answer(a) });
+    let out = drain(&mut r);
+    assert!(matches!(out[..], [Output::Answer { answer: Answer::Sessions(3), .. }]));
+    r.handle_link(now, LinkEvent::Frame { from: Arc::from("n2"), frame: answer(a) });
+    assert!(drain(&mut r).is_empty(), "answered once");
+    let later = now + ASK_TIMEOUT + SWEEP_EVERY * 2;
+    r.handle_timeout(now + SWEEP_EVERY);
+    r.handle_timeout(later);
+    let out = drain(&mut r);
+    assert!(out.iter().any(|o| matches!(o, Output::Answer { req, answer: Answer::Unanswered } if *req == b)), "{out:?}");
+    assert_eq!(r.request_count(), 0);
+}
+
+/// A kick closes the sessions whose token was issued up to it; a refresh moves a session past.
+#[test]
+fn kicks_close_sessions_by_token_age() {
+    let now = t0();
+    let v = view(&["n1"]);
+    let mut r = relay("n1", RelayConfig::default());
+    r.handle_view(now, v);
+    open(&mut r, now, 1, "kim", 100);
+    open(&mut r, now, 2, "kim", 100);
+    open(&mut r, now, 3, "kim", 300);
+    r.handle_client(now, ClientEvent::Refreshed { session: 2, iat: 250 });
+    drain(&mut r);
+    let req = r.kick(now, "kim", 200);
+    let out = drain(&mut r);
+    assert!(out.iter().any(|o| matches!(o, Output::End { session: 1, end: SessionEnd::Closed(CloseReason::Kicked) })));
+    assert!(out.iter().any(|o| matches!(o, Output::Answer { req: q, answer: Answer::Sessions(1) } if *q == req)));
+    assert_eq!(r.status().sessions, 2);
+}
+
+/// A stalled session is closed as a slow consumer, once.
+#[test]
+fn a_stalled_session_is_closed_once() {
+    let now = t0();
+    let mut r = relay("n1", RelayConfig::default());
+    r.handle_view(now, view(&["n1"]));
+    open(&mut r, now, 1, "sam", 0);
+    drain(&mut r);
+    r.handle_client(now, ClientEvent::Stalled { session: 1 });
+    r.handle_client(now, ClientEvent::Stalled { session: 1 });
+    let out = drain(&mut r);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(matches!(out[0], Output::End { end: SessionEnd::Closed(CloseReason::SlowConsumer), .. }));
+}
+
+/// A push answers its request with the outcome, and a full request table fails it
+/// `rate_limited`.
+#[test]
+fn pushes_answer_their_request() {
+    let now = t0();
+    let cfg = RelayConfig {
+        max_requests: 1,
+        ..RelayConfig::default()
+    };
+    let mut r = relay("n1", cfg);
+    r.handle_view(now, view(&["n1"]));
+    open(&mut r, now, 1, "pat", 0);
+    drain(&mut r);
+    let msg = |id: &str| Message {
+        from: Arc::from("$system"),
+        id: Arc::from(id),
+        to: Arc::from("pat"),
+        body: Arc::from(serde_json::value::RawValue::from_string("{}".into()).unwrap()),
+        ts: 1,
+    };
+    let first = r.push(now, msg("p1"));
+    let second = r.push(now, msg("p2"));
+    let out = drain(&mut r);
+    assert!(out.iter().any(|o| matches!(o, Output::Answer { req, answer: Answer::Outcome(Outcome::Failed(FailReason::RateLimited)) } if *req == second)));
+    let seq = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Session { frame: ServerFrame::Msg { seq, .. }, .. } => Some(*seq),
+            _ => None,
+        })
+        .expect("pushed");
+    r.handle_client(now, ClientEvent::Ack { session: 1, seq });
+    let out = drain(&mut r);
+    assert!(out.iter().any(|o| matches!(o, Output::Answer { req, answer: Answer::Outcome(Outcome::Delivered) } if *req == first)));
+    assert_eq!(r.request_count(), 0);
+}
