@@ -297,7 +297,7 @@ impl Client {
         if id.is_empty() || id.len() > crate::protocol::MAX_ID_BYTES {
             return Err(ClientError::Invalid("id must be 1 to 64 bytes"));
         }
-        crate::auth::validate_uid(to).map_err(ClientError::Invalid)?;
+        crate::uid::validate_uid(to).map_err(ClientError::Invalid)?;
         let (reply, rx) = oneshot::channel();
         let cmd = Cmd::Send {
             id: id.to_string(),
@@ -451,7 +451,7 @@ struct Login {
 impl Login {
     /// When a session on this token should get a new one.
     fn refresh_at(&self, margin: Duration) -> Instant {
-        let now_ms = crate::session::now_ms();
+        let now_ms = crate::clock::now_ms();
         let left = self.expires_at.saturating_mul(1000).saturating_sub(now_ms);
         let lead = (margin.as_millis() as u64).min(left / 2);
         Instant::now() + Duration::from_millis(left - lead)
@@ -571,7 +571,7 @@ async fn run(
     let mut moves = 0u32;
     loop {
         // 1. A token and the owner's URL.
-        let now = crate::auth::unix_now();
+        let now = crate::clock::unix_now();
         let fresh = session
             .as_ref()
             .is_some_and(|s| s.expires_at > now + cfg.relogin_margin.as_secs());

@@ -193,5 +193,5 @@ impl ClientTls {
 }
 
 fn now_s() -> i64 {
-    i64::try_from(crate::auth::unix_now()).unwrap_or(i64::MAX)
+    i64::try_from(crate::clock::unix_now()).unwrap_or(i64::MAX)
 }

@@ -7,8 +7,11 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
 
 /// Errors from loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -756,7 +759,7 @@ impl Config {
         }
         let mut uids = HashSet::new();
         for (i, user) in self.auth.users.iter().enumerate() {
-            if let Err(e) = crate::auth::validate_uid(&user.uid) {
+            if let Err(e) = crate::uid::validate_uid(&user.uid) {
                 return Err(invalid(&format!("auth.users[{i}].uid"), e));
             }
             if !uids.insert(user.uid.as_str()) {
@@ -975,7 +978,7 @@ impl Config {
                 }
             }
             if let Some(adv) = &n.advertise
-                && !crate::membership::valid_host_port(adv)
+                && !crate::view::valid_host_port(adv)
             {
                 return Err(invalid(
                     &format!("nodes[{i}].advertise"),
@@ -983,7 +986,7 @@ impl Config {
                 ));
             }
             if let Some(url) = &n.public_url
-                && crate::membership::check_member("n", url, "h:1").is_err()
+                && crate::view::check_member("n", url, "h:1").is_err()
             {
                 return Err(invalid(
                     &format!("nodes[{i}].public_url"),
@@ -1088,6 +1091,33 @@ impl Config {
                 .collect(),
             ..Config::default()
         }
+    }
+}
+
+// The engine takes its settings from here; it does not know the configuration file.
+impl EngineConfig {
+    /// From the `[delivery]` and `[limits]` sections.
+    pub fn from_config(d: &DeliveryConfig, l: &LimitsConfig) -> EngineConfig {
+        EngineConfig {
+            ack_timeout: Duration::from_millis(d.ack_timeout_ms),
+            max_retries: d.max_retries,
+            hold: Duration::from_millis(d.hold_ms),
+            dedup_window: Duration::from_secs(d.dedup_window_s),
+            max_dedup_entries: d.max_dedup_entries,
+            max_held_per_user: d.max_held_per_user,
+            max_deliveries: d.max_deliveries,
+            max_held_bytes: d.max_held_bytes,
+            max_inflight_per_session: l.max_inflight_per_session,
+            sends_per_second: l.sends_per_second,
+            max_unacked_per_session: l.max_unacked_per_session,
+            max_sessions_per_user: l.max_sessions_per_user,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig::from_config(&DeliveryConfig::default(), &LimitsConfig::default())
     }
 }
 

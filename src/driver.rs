@@ -103,9 +103,8 @@ impl<T: Transport> Driver<T> {
     }
 
     fn command(&mut self, cmd: Command) {
-        let now = now();
-        let relay = &mut self.relay;
-        let event = match cmd {
+        let (now, relay) = (now(), &mut self.relay);
+        match cmd {
             Command::Open {
                 session,
                 uid,
@@ -114,60 +113,39 @@ impl<T: Transport> Driver<T> {
             } => {
                 let revoked = self.kicks.revokes(&uid, iat);
                 self.outboxes.insert(session, outbox);
-                ClientEvent::Open {
+                let open = ClientEvent::Open {
                     session,
                     uid,
                     iat,
                     revoked,
+                };
+                relay.handle_client(now, open);
+            }
+            Command::Client(event) => {
+                if let ClientEvent::Close { session } = &event {
+                    self.outboxes.remove(session);
                 }
+                relay.handle_client(now, event);
             }
-            Command::Close { session } => {
-                self.outboxes.remove(&session);
-                ClientEvent::Close { session }
-            }
-            Command::Send {
-                session,
-                id,
-                to,
-                body,
-                ts,
-            } => ClientEvent::Send {
-                session,
-                id,
-                to,
-                body,
-                ts,
-            },
-            Command::Ack { session, seq } => ClientEvent::Ack { session, seq },
-            Command::Refreshed { session, iat } => ClientEvent::Refreshed { session, iat },
             Command::Push { msg, reply } => {
                 let req = relay.push(now, msg);
-                return self.wait(req, reply);
+                self.replies.insert(req, reply);
             }
             Command::Presence { uid, reply } => {
                 let req = relay.presence(now, &uid);
-                return self.wait(req, reply);
+                self.replies.insert(req, reply);
             }
-            Command::Kick { uid, at, reply } => {
-                match reply {
-                    Some(reply) => {
-                        let req = relay.kick(now, &uid, at);
-                        self.wait(req, reply);
-                    }
-                    None => relay.kick_local(now, &uid, at),
+            Command::Kick { uid, at, reply } => match reply {
+                Some(reply) => {
+                    let req = relay.kick(now, &uid, at);
+                    self.replies.insert(req, reply);
                 }
-                return;
-            }
+                None => relay.kick_local(now, &uid, at),
+            },
             Command::Status { reply } => {
                 let _ = reply.send(relay.status());
-                return;
             }
-        };
-        relay.handle_client(now, event);
-    }
-
-    fn wait(&mut self, req: RequestId, reply: oneshot::Sender<Answer>) {
-        self.replies.insert(req, reply);
+        }
     }
 
     /// Carries out the relay's outputs; a full outbox or a refused frame, reported back, can
@@ -201,7 +179,7 @@ impl<T: Transport> Driver<T> {
                     }
                 }
                 Output::Kicked { uid, at } => {
-                    if let Err(e) = self.kicks.record(&uid, at, crate::auth::unix_now()) {
+                    if let Err(e) = self.kicks.record(&uid, at, crate::clock::unix_now()) {
                         tracing::warn!(%uid, error = %e, "kick from a peer not remembered");
                     }
                 }

@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{DeliveryConfig, LimitsConfig};
 use crate::metrics::Metrics;
 use crate::protocol::{Body, FailReason, ServerFrame};
 
@@ -60,32 +59,6 @@ pub struct EngineConfig {
     pub max_unacked_per_session: usize,
     /// Sessions per user; the oldest is closed beyond it.
     pub max_sessions_per_user: usize,
-}
-
-impl EngineConfig {
-    /// From the `[delivery]` and `[limits]` sections.
-    pub fn from_config(d: &DeliveryConfig, l: &LimitsConfig) -> EngineConfig {
-        EngineConfig {
-            ack_timeout: Duration::from_millis(d.ack_timeout_ms),
-            max_retries: d.max_retries,
-            hold: Duration::from_millis(d.hold_ms),
-            dedup_window: Duration::from_secs(d.dedup_window_s),
-            max_dedup_entries: d.max_dedup_entries,
-            max_held_per_user: d.max_held_per_user,
-            max_deliveries: d.max_deliveries,
-            max_held_bytes: d.max_held_bytes,
-            max_inflight_per_session: l.max_inflight_per_session,
-            sends_per_second: l.sends_per_second,
-            max_unacked_per_session: l.max_unacked_per_session,
-            max_sessions_per_user: l.max_sessions_per_user,
-        }
-    }
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig::from_config(&DeliveryConfig::default(), &LimitsConfig::default())
-    }
 }
 
 /// A message in delivery.

@@ -31,8 +31,8 @@ use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
-use crate::session::now_ms;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -275,7 +275,7 @@ impl Socket for AuthSocket {
                     });
                 }
                 Err(reason) => {
-                    self.metrics.gossip_rejected(reason);
+                    self.metrics.gossip_rejected(reason.as_str());
                     tracing::debug!(from = %from_addr, len = n, reason = reason.as_str(), "gossip datagram refused");
                 }
             }
@@ -286,6 +286,13 @@ impl Socket for AuthSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metric labels list every reason, in the same order.
+    #[test]
+    fn every_reason_has_its_metric_label() {
+        let labels: Vec<&str> = Reject::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels, crate::metrics::GOSSIP_REJECTS);
+    }
 
     const NOW: u64 = 1_800_000_000_000;
 

@@ -22,12 +22,14 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{TokenError, random_id, unix_now, validate_uid, verify_password};
+use crate::auth::{TokenError, random_id, verify_password};
+use crate::clock::unix_now;
 use crate::config::AuthMode;
 use crate::engine::{Message, Outcome};
+use crate::protocol::MAX_ID_BYTES;
 use crate::relay::Answer;
 use crate::state::{Command, Shared};
-use crate::protocol::MAX_ID_BYTES;
+use crate::uid::validate_uid;
 
 /// An HTTP error: a status and a JSON body `{"error": code, "message": text}`.
 #[derive(Debug, thiserror::Error)]
@@ -702,11 +704,11 @@ async fn api_push(
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
     let (reply, outcome) = oneshot::channel();
     let msg = Message {
-        from: Arc::from(crate::auth::SYSTEM_SENDER),
+        from: Arc::from(crate::uid::SYSTEM_SENDER),
         id: Arc::from(id.as_str()),
         to: Arc::from(to.as_str()),
         body,
-        ts: crate::session::now_ms(),
+        ts: crate::clock::now_ms(),
     };
     shared
         .engine

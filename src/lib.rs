@@ -2,7 +2,9 @@
 //!
 //! Modules, one concern each:
 //! - [`config`]: `cluster.toml`, defaults, env overrides, validation.
-//! - [`auth`]: uid rules, JWT issue/verify, argon2 passwords.
+//! - [`uid`]: the uid rule.
+//! - [`clock`]: wall-clock readings (only the edges read the clock).
+//! - [`auth`]: JWT issue/verify, argon2 passwords.
 //! - [`protocol`]: client WebSocket frames (parse) and node frames (encode).
 //! - [`engine`]: the delivery rules as a state machine without IO.
 //! - [`relay`]: the cluster core around the engine (routing, forwards, hand-over, requests),
@@ -29,6 +31,7 @@
 pub mod auth;
 pub mod client;
 pub mod client_tls;
+pub mod clock;
 pub mod config;
 pub mod driver;
 pub mod engine;
@@ -49,6 +52,7 @@ pub mod session;
 pub mod state;
 pub mod tls;
 pub mod transport;
+pub mod uid;
 pub mod up;
 pub mod view;
 pub mod wire;

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::engine::NodeId;
 use crate::gossip::AuthTransport;
 use crate::ring::Ring;
+use crate::view::check_member;
 pub use crate::view::{Member, View};
 
 /// Gossip key: WebSocket URL.
@@ -97,66 +98,6 @@ impl std::fmt::Debug for Membership {
             .field("gossip_addr", &self.gossip_addr)
             .finish_non_exhaustive()
     }
-}
-
-/// Checks what a member gossips before it enters a view: the node id follows the uid rule and
-/// is at most 64 bytes, `url` is `ws://` or `wss://`, a host and port, and the path `/ws`, and
-/// `http` is a `host:port`. Gossip is authenticated, so only a holder of the secret (or a bug)
-/// could send anything else; it is still never handed to clients.
-///
-/// # Errors
-/// Which key is not acceptable.
-pub fn check_member(id: &str, url: &str, http: &str) -> Result<(), &'static str> {
-    if id.len() > 64 || crate::auth::validate_uid(id).is_err() {
-        return Err("node id");
-    }
-    if !valid_ws_url(url) {
-        return Err("url");
-    }
-    if !valid_host_port(http) {
-        return Err("http");
-    }
-    Ok(())
-}
-
-/// `host:port` with a non-empty host of printable characters that cannot change the meaning
-/// of a URL, and a port number.
-/// Whether `url` is a WebSocket URL a node may hand to clients: `ws://` or `wss://`, a host
-/// with an optional port, and a path (`/ws`, or a proxy's own path such as `/n1/ws`); no user
-/// info, query or fragment, nothing but visible ASCII, at most 512 bytes.
-pub fn valid_ws_url(url: &str) -> bool {
-    let Some(rest) = url
-        .strip_prefix("ws://")
-        .or_else(|| url.strip_prefix("wss://"))
-    else {
-        return false;
-    };
-    let Some((authority, path)) = rest.split_once('/') else {
-        return false;
-    };
-    let clean = |s: &str| {
-        s.chars()
-            .all(|c| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '@' | '\\'))
-    };
-    let host_ok = if authority.contains(':') && !authority.ends_with(']') {
-        valid_host_port(authority)
-    } else {
-        !authority.is_empty() && !authority.contains('/') && clean(authority)
-    };
-    url.len() <= 512 && host_ok && clean(path)
-}
-
-/// Whether `s` is `host:port`.
-pub fn valid_host_port(s: &str) -> bool {
-    let Some((host, port)) = s.rsplit_once(':') else {
-        return false;
-    };
-    !host.is_empty()
-        && host.len() <= 255
-        && port.parse::<u16>().is_ok()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | '?' | '#' | '@' | '\\'))
 }
 
 fn member_of(state: &NodeState, id: &ChitchatId) -> Option<Member> {
@@ -262,10 +203,10 @@ impl Membership {
                 let Ok(at) = event.value.parse::<u64>() else {
                     return;
                 };
-                if crate::auth::validate_uid(event.key).is_err() {
+                if crate::uid::validate_uid(event.key).is_err() {
                     return;
                 }
-                if let Err(e) = kicks.record(event.key, at, crate::auth::unix_now()) {
+                if let Err(e) = kicks.record(event.key, at, crate::clock::unix_now()) {
                     tracing::warn!(uid = %event.key, error = %e, "gossiped kick not remembered");
                 }
             })

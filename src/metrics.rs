@@ -22,6 +22,16 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// The reasons a gossip datagram is refused, as metric labels (`crate::gossip::Reject`).
+pub const GOSSIP_REJECTS: [&str; 6] = [
+    "short",
+    "format",
+    "bad_mac",
+    "stale",
+    "replay",
+    "undecodable",
+];
+
 /// The node's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -55,7 +65,7 @@ pub struct Metrics {
     pub quic_peers: Gauge,
     /// Live gossip members, this node included.
     pub gossip_members: Gauge,
-    gossip_rejected: [Counter; 6],
+    gossip_rejected: [Counter; GOSSIP_REJECTS.len()],
     /// Open HTTP connections (WebSocket sessions included).
     pub http_connections: Gauge,
     /// HTTP connections closed at accept because `http.max_connections` were open.
@@ -138,8 +148,8 @@ impl Metrics {
             "Gossip datagrams refused before decoding, by reason",
             rejected_family.clone(),
         );
-        let gossip_rejected = crate::gossip::Reject::ALL
-            .map(|r| rejected_family.get_or_create_owned(&ReasonLabel { reason: r.as_str() }));
+        let gossip_rejected =
+            GOSSIP_REJECTS.map(|r| rejected_family.get_or_create_owned(&ReasonLabel { reason: r }));
         let retries = Counter::default();
         registry.register(
             "retries",
@@ -296,13 +306,11 @@ impl Metrics {
         }
     }
 
-    /// Counts one gossip datagram refused.
-    pub fn gossip_rejected(&self, reason: crate::gossip::Reject) {
-        let i = crate::gossip::Reject::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .expect("ALL lists every reason");
-        self.gossip_rejected[i].inc();
+    /// Counts one gossip datagram refused, by its reason's label (one of [`GOSSIP_REJECTS`]).
+    pub fn gossip_rejected(&self, reason: &str) {
+        if let Some(i) = GOSSIP_REJECTS.iter().position(|r| *r == reason) {
+            self.gossip_rejected[i].inc();
+        }
     }
 
     /// Gossip datagrams refused so far, every reason together.

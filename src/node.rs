@@ -204,7 +204,11 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         });
     }
     let tracker = TaskTracker::new();
-    let relay = Relay::new(RelayConfig::from_config(&shared.cfg), node_id.clone(), metrics);
+    let relay = Relay::new(
+        RelayConfig::from_config(&shared.cfg),
+        node_id.clone(),
+        metrics,
+    );
     let driver = Driver::new(relay, shared.links.clone(), kicks.clone());
     tracker.spawn(driver.run(Inputs {
         commands: engine_rx,
@@ -268,7 +272,7 @@ async fn kick_task(shared: Arc<Shared>, gossip: crate::membership::KickGossip) {
             _ = shared.shutdown.cancelled() => return,
             _ = shared.kicks.changed() => {}
             _ = expire.tick() => {
-                for uid in shared.kicks.expire(crate::auth::unix_now()) {
+                for uid in shared.kicks.expire(crate::clock::unix_now()) {
                     gossip.forget(&uid).await;
                 }
                 shared.metrics.kicks.set(shared.kicks.len() as i64);

@@ -32,8 +32,8 @@ use crate::config::QuicConfig;
 use crate::engine::NodeId;
 use crate::metrics::Metrics;
 use crate::relay::LinkEvent;
-use crate::view::View;
 use crate::tls::{Credential, check_names_node, node_name};
+use crate::view::View;
 use crate::wire::{self, PeerFrame};
 
 type FrameReader = FramedRead<RecvStream, LengthDelimitedCodec>;
@@ -639,8 +639,8 @@ async fn link_down(links: &Links, peer: &Peer, rx: &mut mpsc::Receiver<PeerFrame
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::Member;
     use crate::ring::Ring;
+    use crate::view::Member;
     use std::collections::BTreeMap;
 
     fn member(id: &str, quic: SocketAddr) -> (NodeId, Member) {

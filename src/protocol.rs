@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::auth::validate_uid;
+use crate::uid::validate_uid;
 
 /// Longest message `id`, in bytes.
 pub const MAX_ID_BYTES: usize = 64;

@@ -29,9 +29,9 @@ use crate::engine::{
     Action, CloseReason, Engine, EngineConfig, MAX_PLACEMENTS, Message, NodeId, Outcome, Route,
     SessionId, Waiter,
 };
-use crate::membership::View;
 use crate::metrics::Metrics;
 use crate::protocol::{Body, FailReason, ServerFrame};
+use crate::view::View;
 use crate::wire::{PeerFrame, WireMessage};
 
 /// A request from the HTTP API, answered once with an [`Answer`].
@@ -507,11 +507,20 @@ impl Relay {
         self.arm_sweep(now);
         let req = self.next_tag();
         if self.requests.len() >= self.cfg.max_requests {
-            self.answer(req, Answer::Outcome(Outcome::Failed(FailReason::RateLimited)));
+            self.answer(
+                req,
+                Answer::Outcome(Outcome::Failed(FailReason::RateLimited)),
+            );
             self.metrics.failed(FailReason::RateLimited);
             return req;
         }
-        self.requests.insert(req, Request { asked: None, at: now });
+        self.requests.insert(
+            req,
+            Request {
+                asked: None,
+                at: now,
+            },
+        );
         let waiter = Waiter::Api(req);
         match self.route(&msg.to) {
             Route::Local => {
@@ -626,10 +635,10 @@ impl Relay {
                     self.unreachable(f.waiters, &f.id, &f.to);
                 }
             }
-            PeerFrame::PresenceQuery { req, .. } | PeerFrame::Kick { req, .. } => {
-                if self.requests.remove(&req).is_some() {
-                    self.answer(req, Answer::Unanswered);
-                }
+            PeerFrame::PresenceQuery { req, .. } | PeerFrame::Kick { req, .. }
+                if self.requests.remove(&req).is_some() =>
+            {
+                self.answer(req, Answer::Unanswered);
             }
             // An outcome or answer that cannot be sent is given up by the asking node's sweep.
             _ => {}
@@ -771,7 +780,7 @@ impl Relay {
                 self.out.push_back(Output::Peer { node: from, frame });
             }
             PeerFrame::Kick { req, uid, at } => {
-                if crate::auth::validate_uid(&uid).is_err() {
+                if crate::uid::validate_uid(&uid).is_err() {
                     tracing::warn!(peer = %from, "kick of a malformed uid from a peer ignored");
                     return;
                 }
@@ -869,14 +878,26 @@ impl Relay {
     }
 
     /// Sends `msg` to its owner `node`; its waiters learn the outcome when it comes back.
-    fn forward(&mut self, node: NodeId, msg: Message, waiters: Vec<Waiter>, hops: u8, now: Instant) {
+    fn forward(
+        &mut self,
+        node: NodeId,
+        msg: Message,
+        waiters: Vec<Waiter>,
+        hops: u8,
+        now: Instant,
+    ) {
         if !self.reachable.contains(&node) {
             self.unreachable(waiters, &msg.id, &msg.to);
             return;
         }
         if self.forwards.len() >= self.cfg.max_forwards {
             self.metrics.failed(FailReason::RateLimited);
-            self.resolve(waiters, &msg.id, &msg.to, Outcome::Failed(FailReason::RateLimited));
+            self.resolve(
+                waiters,
+                &msg.id,
+                &msg.to,
+                Outcome::Failed(FailReason::RateLimited),
+            );
             return;
         }
         let tag = self.next_tag();
@@ -955,7 +976,9 @@ impl Relay {
             }
         }
         self.metrics.forwards.set(self.forwards.len() as i64);
-        self.metrics.pending_requests.set(self.requests.len() as i64);
+        self.metrics
+            .pending_requests
+            .set(self.requests.len() as i64);
     }
 
     /// Fails forwards and questions that can no longer be answered in time, and rebuilds the

@@ -150,7 +150,11 @@ fn a_link_coming_up_hands_over_only_the_users_that_prefer_that_peer() {
     open(&mut r, now, 2, &mine, 0);
     drain(&mut r);
     assert_eq!(r.status().sessions, 2);
-    assert_eq!(r.handover_index_len(), 1, "filed under n2 for the hand-over");
+    assert_eq!(
+        r.handover_index_len(),
+        1,
+        "filed under n2 for the hand-over"
+    );
     r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
     let out = drain(&mut r);
     let ended: Vec<SessionId> = out
@@ -164,7 +168,11 @@ fn a_link_coming_up_hands_over_only_the_users_that_prefer_that_peer() {
     assert_eq!(r.sessions(), vec![(2, Arc::from(mine.as_str()))]);
     // A link going down moves nobody away.
     r.handle_link(now, LinkEvent::Down(Arc::from("n3")));
-    assert!(!drain(&mut r).iter().any(|o| matches!(o, Output::End { .. })));
+    assert!(
+        !drain(&mut r)
+            .iter()
+            .any(|o| matches!(o, Output::End { .. }))
+    );
 }
 
 /// A forward in flight fails `unreachable` when its link goes down, and a refused frame fails
@@ -183,20 +191,31 @@ fn forwards_fail_when_their_link_goes_down_or_refuses_them() {
     send(&mut r, now, 1, "a", &theirs);
     let out = drain(&mut r);
     let frames = peer_frames(&out);
-    assert!(matches!(frames[..], [("n2", PeerFrame::Deliver { hops: 0, .. })]));
+    assert!(matches!(
+        frames[..],
+        [("n2", PeerFrame::Deliver { hops: 0, .. })]
+    ));
     assert_eq!(r.forward_count(), 1);
     r.handle_link(now, LinkEvent::Down(Arc::from("n2")));
-    assert_eq!(failed_reasons(&drain(&mut r)), vec![FailReason::Unreachable]);
+    assert_eq!(
+        failed_reasons(&drain(&mut r)),
+        vec![FailReason::Unreachable]
+    );
     assert_eq!(r.forward_count(), 0);
 
     r.handle_link(now, LinkEvent::Up(Arc::from("n2")));
     send(&mut r, now, 1, "b", &theirs);
     let out = drain(&mut r);
-    let Some(Output::Peer { node, frame }) = out.into_iter().find(|o| matches!(o, Output::Peer { .. })) else {
+    let Some(Output::Peer { node, frame }) =
+        out.into_iter().find(|o| matches!(o, Output::Peer { .. }))
+    else {
         panic!("no forward");
     };
     r.handle_refused(now, &node, frame);
-    assert_eq!(failed_reasons(&drain(&mut r)), vec![FailReason::Unreachable]);
+    assert_eq!(
+        failed_reasons(&drain(&mut r)),
+        vec![FailReason::Unreachable]
+    );
     assert_eq!(r.forward_count(), 0);
 }
 
@@ -248,10 +267,25 @@ fn the_hops_rule_stops_re_forwarding() {
         },
     };
     let from: NodeId = Arc::from("n2");
-    r.handle_link(now, LinkEvent::Frame { from: from.clone(), frame: deliver(1) });
+    r.handle_link(
+        now,
+        LinkEvent::Frame {
+            from: from.clone(),
+            frame: deliver(1),
+        },
+    );
     let out = drain(&mut r);
-    assert!(matches!(peer_frames(&out)[..], [("n3", PeerFrame::Deliver { hops: 2, .. })]));
-    r.handle_link(now, LinkEvent::Frame { from, frame: deliver(2) });
+    assert!(matches!(
+        peer_frames(&out)[..],
+        [("n3", PeerFrame::Deliver { hops: 2, .. })]
+    ));
+    r.handle_link(
+        now,
+        LinkEvent::Frame {
+            from,
+            frame: deliver(2),
+        },
+    );
     assert!(peer_frames(&drain(&mut r)).is_empty(), "kept here");
     assert_eq!(r.status().deliveries, 1);
 }
@@ -277,21 +311,55 @@ fn questions_to_peers_are_answered_once_swept_and_bounded() {
     let b = r.presence(now, &theirs);
     let c = r.presence(now, &theirs);
     let out = drain(&mut r);
-    assert!(out.iter().any(|o| matches!(o, Output::Answer { req, answer: Answer::Busy } if *req == c)));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Answer { req, answer: Answer::Busy } if *req == c))
+    );
     assert_eq!(r.request_count(), 2);
     let answer = |req| PeerFrame::PresenceAnswer { req, sessions: 3 };
-    r.handle_link(now, LinkEvent::Frame { from: Arc::from("n3"), frame: answer(a) });
-    assert!(drain(&mut r).is_empty(), "an answer from a peer not asked is ignored");
-    r.handle_link(now, LinkEvent::Frame { from: Arc::from("n2"), frame: answer(a) });
+    r.handle_link(
+        now,
+        LinkEvent::Frame {
+            from: Arc::from("n3"),
+            frame: answer(a),
+        },
+    );
+    assert!(
+        drain(&mut r).is_empty(),
+        "an answer from a peer not asked is ignored"
+    );
+    r.handle_link(
+        now,
+        LinkEvent::Frame {
+            from: Arc::from("n2"),
+            frame: answer(a),
+        },
+    );
     let out = drain(&mut r);
-    assert!(matches!(out[..], [Output::Answer { answer: Answer::Sessions(3), .. }]));
-    r.handle_link(now, LinkEvent::Frame { from: Arc::from("n2"), frame: answer(a) });
+    assert!(matches!(
+        out[..],
+        [Output::Answer {
+            answer: Answer::Sessions(3),
+            ..
+        }]
+    ));
+    r.handle_link(
+        now,
+        LinkEvent::Frame {
+            from: Arc::from("n2"),
+            frame: answer(a),
+        },
+    );
     assert!(drain(&mut r).is_empty(), "answered once");
     let later = now + ASK_TIMEOUT + SWEEP_EVERY * 2;
     r.handle_timeout(now + SWEEP_EVERY);
     r.handle_timeout(later);
     let out = drain(&mut r);
-    assert!(out.iter().any(|o| matches!(o, Output::Answer { req, answer: Answer::Unanswered } if *req == b)), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Answer { req, answer: Answer::Unanswered } if *req == b)),
+        "{out:?}"
+    );
     assert_eq!(r.request_count(), 0);
 }
 
@@ -305,12 +373,28 @@ fn kicks_close_sessions_by_token_age() {
     open(&mut r, now, 1, "kim", 100);
     open(&mut r, now, 2, "kim", 100);
     open(&mut r, now, 3, "kim", 300);
-    r.handle_client(now, ClientEvent::Refreshed { session: 2, iat: 250 });
+    r.handle_client(
+        now,
+        ClientEvent::Refreshed {
+            session: 2,
+            iat: 250,
+        },
+    );
     drain(&mut r);
     let req = r.kick(now, "kim", 200);
     let out = drain(&mut r);
-    assert!(out.iter().any(|o| matches!(o, Output::End { session: 1, end: SessionEnd::Closed(CloseReason::Kicked) })));
-    assert!(out.iter().any(|o| matches!(o, Output::Answer { req: q, answer: Answer::Sessions(1) } if *q == req)));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::End {
+            session: 1,
+            end: SessionEnd::Closed(CloseReason::Kicked)
+        }
+    )));
+    assert!(
+        out.iter().any(
+            |o| matches!(o, Output::Answer { req: q, answer: Answer::Sessions(1) } if *q == req)
+        )
+    );
     assert_eq!(r.status().sessions, 2);
 }
 
@@ -326,7 +410,13 @@ fn a_stalled_session_is_closed_once() {
     r.handle_client(now, ClientEvent::Stalled { session: 1 });
     let out = drain(&mut r);
     assert_eq!(out.len(), 1, "{out:?}");
-    assert!(matches!(out[0], Output::End { end: SessionEnd::Closed(CloseReason::SlowConsumer), .. }));
+    assert!(matches!(
+        out[0],
+        Output::End {
+            end: SessionEnd::Closed(CloseReason::SlowConsumer),
+            ..
+        }
+    ));
 }
 
 /// A push answers its request with the outcome, and a full request table fails it
@@ -356,7 +446,10 @@ fn pushes_answer_their_request() {
     let seq = out
         .iter()
         .find_map(|o| match o {
-            Output::Session { frame: ServerFrame::Msg { seq, .. }, .. } => Some(*seq),
+            Output::Session {
+                frame: ServerFrame::Msg { seq, .. },
+                ..
+            } => Some(*seq),
             _ => None,
         })
         .expect("pushed");

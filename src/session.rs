@@ -25,12 +25,13 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
-use crate::auth::{Claims, TokenError, unix_now};
+use crate::auth::{Claims, TokenError};
+use crate::clock::unix_now;
 use crate::engine::{CloseReason, SessionId};
 use crate::outbox::{FrameQueue, Outbox};
-use crate::relay::SessionEnd;
-use crate::state::{Command, Shared};
 use crate::protocol::{ClientFrame, FrameError, ServerFrame, parse_client_frame};
+use crate::relay::{ClientEvent, SessionEnd};
+use crate::state::{Command, Shared};
 
 /// Close code: idle timeout.
 pub const CLOSE_IDLE: u16 = 4000;
@@ -61,13 +62,7 @@ const WRITE_BATCH: usize = 64;
 /// How long a closing frame may take to go out before the socket is dropped anyway.
 const CLOSE_WRITE: Duration = Duration::from_millis(500);
 
-/// Milliseconds since the unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 fn close_frame(code: u16, reason: &'static str) -> WsMessage {
     WsMessage::Close(Some(CloseFrame {
@@ -202,7 +197,10 @@ pub async fn run(shared: Arc<Shared>, socket: WebSocket, claims: Claims) {
     drop(claims);
     shared.metrics.sessions.inc();
     let result = serve(&shared, socket, session, uid.clone(), iat, exp).await;
-    let _ = shared.engine.send(Command::Close { session }).await;
+    let _ = shared
+        .engine
+        .send(Command::Client(ClientEvent::Close { session }))
+        .await;
     shared.metrics.sessions.dec();
     shared.live_sessions.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(session, %uid, ended = result, "session closed");
@@ -352,7 +350,8 @@ async fn serve(
                     Reply::Frame(frame) => answer!(frame),
                     Reply::Close => close!(CLOSE_FLOODING, "too many frames"),
                     Reply::Refreshed { iat, exp } => {
-                        let _ = shared.engine.send(Command::Refreshed { session, iat }).await;
+                        let refreshed = ClientEvent::Refreshed { session, iat };
+                        let _ = shared.engine.send(Command::Client(refreshed)).await;
                         expiry.as_mut().reset(expiry_deadline(exp, leeway));
                         answer!(ServerFrame::Refreshed { expires_at: exp });
                     }
@@ -478,8 +477,8 @@ async fn handle_text(
     let cmd = match parsed {
         Ok(ClientFrame::Ping) => return Reply::Frame(ServerFrame::Pong),
         Ok(ClientFrame::Refresh { token }) => return refresh(shared, uid, &token),
-        Ok(ClientFrame::Ack { seq }) => Command::Ack { session, seq },
-        Ok(ClientFrame::Send { id, to, body }) => Command::Send {
+        Ok(ClientFrame::Ack { seq }) => ClientEvent::Ack { session, seq },
+        Ok(ClientFrame::Send { id, to, body }) => ClientEvent::Send {
             session,
             id,
             to,
@@ -496,7 +495,7 @@ async fn handle_text(
         }
     };
     // A closed engine means the node is stopping; the shutdown branch closes the socket.
-    let _ = shared.engine.send(cmd).await;
+    let _ = shared.engine.send(Command::Client(cmd)).await;
     Reply::None
 }
 

@@ -16,8 +16,7 @@ use crate::engine::{Message, NodeId, SessionId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::peer::Links;
-use crate::protocol::Body;
-use crate::relay::{Answer, Owner, Status, owner_in};
+use crate::relay::{Answer, ClientEvent, Owner, Status, owner_in};
 use crate::view::View;
 
 /// Requests to the driver.
@@ -34,38 +33,8 @@ pub enum Command {
         /// Its outbound queue and end signal.
         outbox: Outbox,
     },
-    /// A session is gone.
-    Close {
-        /// Session id.
-        session: SessionId,
-    },
-    /// A client `send`.
-    Send {
-        /// Sending session.
-        session: SessionId,
-        /// Message id.
-        id: String,
-        /// Recipient.
-        to: String,
-        /// Body.
-        body: Body,
-        /// Taken at, ms since the epoch.
-        ts: u64,
-    },
-    /// A client `ack`.
-    Ack {
-        /// Acking session.
-        session: SessionId,
-        /// The seq.
-        seq: u64,
-    },
-    /// A session accepted a `refresh`: it lives on a token issued at `iat` now.
-    Refreshed {
-        /// Session id.
-        session: SessionId,
-        /// The new token's `iat`.
-        iat: u64,
-    },
+    /// What a session says after `Open`: a `send`, an `ack`, a refresh, its end.
+    Client(ClientEvent),
     /// A message from the HTTP API; `reply` gets [`Answer::Outcome`] (or [`Answer::Busy`]).
     Push {
         /// The message (`from` is `$system`).
@@ -248,6 +217,4 @@ impl Shared {
     pub fn can_own(&self, node: &str) -> bool {
         node == &*self.node_id || self.links.reachable(node)
     }
-
 }
-

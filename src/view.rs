@@ -43,7 +43,6 @@ impl View {
     }
 }
 
-
 impl Default for View {
     /// No member and an empty ring: nobody owns anyone.
     fn default() -> Self {
@@ -52,4 +51,63 @@ impl Default for View {
             ring: Ring::new(Vec::new(), 1, 0),
         }
     }
+}
+
+/// Checks what a member gossips before it enters a view: the node id follows the uid rule and
+/// is at most 64 bytes, `url` is `ws://` or `wss://`, a host and port, and the path `/ws`, and
+/// `http` is a `host:port`. Gossip is authenticated, so only a holder of the secret (or a bug)
+/// could send anything else; it is still never handed to clients.
+///
+/// # Errors
+/// Which key is not acceptable.
+pub fn check_member(id: &str, url: &str, http: &str) -> Result<(), &'static str> {
+    if id.len() > 64 || crate::uid::validate_uid(id).is_err() {
+        return Err("node id");
+    }
+    if !valid_ws_url(url) {
+        return Err("url");
+    }
+    if !valid_host_port(http) {
+        return Err("http");
+    }
+    Ok(())
+}
+
+/// Whether `url` is a WebSocket URL a node may hand to clients: `ws://` or `wss://`, a host
+/// with an optional port, and a path (`/ws`, or a proxy's own path such as `/n1/ws`); no user
+/// info, query or fragment, nothing but visible ASCII, at most 512 bytes.
+pub fn valid_ws_url(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+    else {
+        return false;
+    };
+    let Some((authority, path)) = rest.split_once('/') else {
+        return false;
+    };
+    let clean = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '?' | '#' | '@' | '\\'))
+    };
+    let host_ok = if authority.contains(':') && !authority.ends_with(']') {
+        valid_host_port(authority)
+    } else {
+        !authority.is_empty() && !authority.contains('/') && clean(authority)
+    };
+    url.len() <= 512 && host_ok && clean(path)
+}
+
+/// Whether `s` is `host:port`: a non-empty host of printable characters that cannot change
+/// the meaning of a URL, and a port number.
+pub fn valid_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && host.len() <= 255
+        && port.parse::<u16>().is_ok()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | '?' | '#' | '@' | '\\'))
 }

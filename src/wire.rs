@@ -78,8 +78,8 @@ impl WireMessage {
     /// # Errors
     /// Which rule is broken.
     pub fn check(&self, max_body: usize) -> Result<(), &'static str> {
-        crate::auth::validate_sender(&self.from).map_err(|_| "from is not a uid")?;
-        crate::auth::validate_uid(&self.to).map_err(|_| "to is not a uid")?;
+        crate::uid::validate_sender(&self.from).map_err(|_| "from is not a uid")?;
+        crate::uid::validate_uid(&self.to).map_err(|_| "to is not a uid")?;
         if self.id.is_empty() || self.id.len() > crate::protocol::MAX_ID_BYTES {
             return Err("id must be 1 to 64 bytes");
         }

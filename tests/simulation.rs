@@ -33,6 +33,7 @@ fn run_half(half: u64) {
     let (first, n) = (first(), seeds());
     let mut mix: BTreeMap<&str, u64> = BTreeMap::new();
     let (mut sends, mut delivered, mut failed, mut events) = (0, 0, 0, 0);
+    let mut slowest = (0, 0);
     let mut count = 0;
     for seed in (first..first + n).filter(|s| s % 2 == half) {
         match run_seed(seed, false) {
@@ -44,6 +45,7 @@ fn run_half(half: u64) {
                 delivered += stats.delivered;
                 failed += stats.failed;
                 events += stats.events;
+                slowest = slowest.max((stats.quiet_after, seed));
                 count += 1;
             }
             Err(_) => {
@@ -56,8 +58,11 @@ fn run_half(half: u64) {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{count} seeds in {secs:.1} s ({:.0} seeds/s); {events} events; {sends} sends: \
-         {delivered} delivered, {failed} failed; faults: {mix:?}",
-        count as f64 / secs
+         {delivered} delivered, {failed} failed; faults: {mix:?}; slowest to quiesce: \
+         {} ms after the faults (seed {})",
+        count as f64 / secs,
+        slowest.0 / MS,
+        slowest.1
     );
 }
 
@@ -84,4 +89,86 @@ fn replay() {
         Ok((stats, kinds)) => println!("seed {seed} passes: {stats:?}, faults {kinds:?}"),
         Err(v) => panic!("{}", report(seed, &v)),
     }
+}
+
+// ----- the historic bugs, as fixed plans -------------------------------------------------------
+
+use sim_support::{Fault, MS, Plan, S, run_plan};
+
+/// Runs `plan` with seeds 1 to 20 (each seed shuffles delays, clients and sends differently).
+fn scripted(name: &str, plan: Plan) {
+    for seed in 1..=20 {
+        if run_plan(seed, &plan, false).is_err() {
+            let v = run_plan(seed, &plan, true).expect_err("a seed fails the same way twice");
+            panic!(
+                "{name}, seed {seed}: {}\nrerun: cargo test --test simulation {name}\n{}",
+                v.what,
+                v.trace.join("\n")
+            );
+        }
+    }
+}
+
+/// 6794c0d, first half: a client told to connect to its owner arrives after a view change
+/// made another node the owner (nodes join and die while clients log in); the node must send
+/// it on with `moved`, not serve it. Fails when `Relay::handle_client` opens without checking.
+#[test]
+fn regression_6794c0d_session_opened_on_a_non_owner_after_a_view_change() {
+    let plan = Plan {
+        nodes: 3,
+        clients: 10,
+        sends: 8,
+        faults: vec![
+            (800 * MS, Fault::Start(3)),
+            (1500 * MS, Fault::Start(4)),
+            (3 * S, Fault::Kill(1)),
+            (3500 * MS, Fault::Start(1)),
+        ],
+        busy_until: 8 * S,
+    };
+    scripted(
+        "regression_6794c0d_session_opened_on_a_non_owner_after_a_view_change",
+        plan,
+    );
+}
+
+/// 6794c0d, second half: while the link to a user's owner is cut, the user lands on the next
+/// node of its preference list; when the link comes back (or a paused owner resumes), that
+/// node must hand the user over. Fails when a link coming up hands over nobody.
+#[test]
+fn regression_6794c0d_sessions_left_behind_when_the_owner_is_reachable_again() {
+    let plan = Plan {
+        nodes: 3,
+        clients: 10,
+        sends: 8,
+        faults: vec![
+            (S, Fault::Cut(0, 1)),
+            (S, Fault::Cut(0, 2)),
+            (4 * S, Fault::Heal(0, 1)),
+            (4 * S, Fault::Heal(0, 2)),
+            (6 * S, Fault::Pause(2, 4 * S)),
+        ],
+        busy_until: 12 * S,
+    };
+    scripted(
+        "regression_6794c0d_sessions_left_behind_when_the_owner_is_reachable_again",
+        plan,
+    );
+}
+
+/// 05b4ae8: a member that joined the view but whose link is not up yet (or never comes up, as
+/// with a wrong secret) must own nobody. Fails when view members count as reachable.
+#[test]
+fn regression_05b4ae8_a_member_without_a_link_owns_nobody() {
+    let plan = Plan {
+        nodes: 2,
+        clients: 8,
+        sends: 5,
+        faults: vec![(500 * MS, Fault::Start(2)), (2 * S, Fault::Start(3))],
+        busy_until: 5 * S,
+    };
+    scripted(
+        "regression_05b4ae8_a_member_without_a_link_owns_nobody",
+        plan,
+    );
 }

@@ -38,10 +38,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Virtual nanoseconds since the start of a run.
-type T = u64;
+pub type T = u64;
 
-const MS: T = 1_000_000;
-const S: T = 1_000 * MS;
+pub const MS: T = 1_000_000;
+pub const S: T = 1_000 * MS;
 
 /// How a run is shaped; [`Plan::random`] draws one from the seed.
 #[derive(Debug, Clone)]
@@ -169,13 +169,19 @@ pub struct Stats {
     pub moved: u64,
     pub reconnects: u64,
     pub sim_time: T,
+    /// Time from the end of the faults until every send had its outcome.
+    pub quiet_after: T,
 }
 
 /// An input for a node, or something for the scheduler itself.
 #[derive(Debug)]
 enum Ev {
     /// A link event for node `to` (incarnation `inc`).
-    Link { to: usize, inc: u64, event: LinkEvent },
+    Link {
+        to: usize,
+        inc: u64,
+        event: LinkEvent,
+    },
     /// A frame from `from` to `to` sent on link epoch `epoch`.
     Frame {
         from: usize,
@@ -303,6 +309,8 @@ pub struct Sim {
 }
 
 const TRACE: usize = 400;
+/// Every send must have its outcome this long after the faults stop.
+pub const QUIESCE: T = 30 * S;
 const VNODES: u32 = 16;
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
@@ -534,11 +542,14 @@ impl Sim {
         let sessions: Vec<(usize, u64)> = self.nodes[i].sessions.drain().map(|(_, v)| v).collect();
         for (client, conn) in sessions {
             let d = self.client_delay();
-            self.at(self.now + d, Ev::EndClient {
-                client,
-                conn,
-                end: SessionEnd::Closed(imgate::engine::CloseReason::SlowConsumer),
-            });
+            self.at(
+                self.now + d,
+                Ev::EndClient {
+                    client,
+                    conn,
+                    end: SessionEnd::Closed(imgate::engine::CloseReason::SlowConsumer),
+                },
+            );
         }
         self.relink();
         self.gossip(true);
@@ -565,7 +576,9 @@ impl Sim {
                         self.next_epoch += 1;
                         self.links.insert(key, Some(epoch));
                         let d = self.rng.random_range(5 * MS..300 * MS);
-                        self.note(|| format!("link n{}-n{} up (handshake {} ms)", a + 1, b + 1, d / MS));
+                        self.note(|| {
+                            format!("link n{}-n{} up (handshake {} ms)", a + 1, b + 1, d / MS)
+                        });
                         for (x, y) in [(a, b), (b, a)] {
                             let inc = self.nodes[x].inc;
                             let ev = Ev::Link {
@@ -579,7 +592,9 @@ impl Sim {
                     (false, Some(_)) => {
                         self.links.insert(key, None);
                         let d = self.rng.random_range(100 * MS..2 * S);
-                        self.note(|| format!("link n{}-n{} down (noticed in {} ms)", a + 1, b + 1, d / MS));
+                        self.note(|| {
+                            format!("link n{}-n{} down (noticed in {} ms)", a + 1, b + 1, d / MS)
+                        });
                         for (x, y) in [(a, b), (b, a)] {
                             if !self.alive(x) {
                                 continue;
@@ -623,21 +638,30 @@ impl Sim {
     }
 
     fn outputs(&mut self, n: usize) {
-        loop {
-            let Some(out) = self.nodes[n].relay.as_mut().and_then(Relay::poll_output) else {
-                break;
-            };
+        while let Some(out) = self.nodes[n].relay.as_mut().and_then(Relay::poll_output) {
             match out {
                 Output::Session { session, frame } => {
                     if let Some(&(client, conn)) = self.nodes[n].sessions.get(&session) {
                         let d = self.client_delay();
-                        self.at_fifo((1, n, client), self.now + d, Ev::ToClient { client, conn, frame });
+                        self.at_fifo(
+                            (1, n, client),
+                            self.now + d,
+                            Ev::ToClient {
+                                client,
+                                conn,
+                                frame,
+                            },
+                        );
                     }
                 }
                 Output::End { session, end } => {
                     if let Some((client, conn)) = self.nodes[n].sessions.remove(&session) {
                         let d = self.client_delay();
-                        self.at_fifo((1, n, client), self.now + d, Ev::EndClient { client, conn, end });
+                        self.at_fifo(
+                            (1, n, client),
+                            self.now + d,
+                            Ev::EndClient { client, conn, end },
+                        );
                     }
                 }
                 Output::Peer { node, frame } => {
@@ -680,7 +704,10 @@ impl Sim {
         };
         let t = deadline.saturating_duration_since(self.base).as_nanos() as T;
         let t = t.max(self.now);
-        if self.nodes[n].timer_at.is_some_and(|at| at <= t && at >= self.now) {
+        if self.nodes[n]
+            .timer_at
+            .is_some_and(|at| at <= t && at >= self.now)
+        {
             return;
         }
         self.nodes[n].timer_at = Some(t);
@@ -763,12 +790,21 @@ impl Sim {
                 let line = format!("n{} <- {from_id}: {}", to + 1, short(&frame));
                 self.note(|| line);
                 self.input(to, |r, now| {
-                    r.handle_link(now, LinkEvent::Frame { from: from_id, frame })
+                    r.handle_link(
+                        now,
+                        LinkEvent::Frame {
+                            from: from_id,
+                            frame,
+                        },
+                    )
                 });
             }
             Ev::View { to, .. } => {
                 let members = if self.nodes[to].draining {
-                    self.members_seen_by(to).into_iter().filter(|&m| m != to).collect()
+                    self.members_seen_by(to)
+                        .into_iter()
+                        .filter(|&m| m != to)
+                        .collect()
                 } else {
                     self.members_seen_by(to)
                 };
@@ -785,7 +821,9 @@ impl Sim {
                 }
                 self.input(to, |r, now| r.handle_timeout(now));
             }
-            Ev::Client { to, conn, event, .. } => self.client_event(to, conn, event),
+            Ev::Client {
+                to, conn, event, ..
+            } => self.client_event(to, conn, event),
             Ev::ToClient {
                 client,
                 conn,
@@ -890,21 +928,32 @@ impl Sim {
                         self.gossip(true);
                     }
                     if d > 3 * S {
-                        let sessions: Vec<(SessionId, (usize, u64))> =
-                            self.nodes[n].sessions.iter().map(|(s, v)| (*s, *v)).collect();
+                        let sessions: Vec<(SessionId, (usize, u64))> = self.nodes[n]
+                            .sessions
+                            .iter()
+                            .map(|(s, v)| (*s, *v))
+                            .collect();
                         for (session, (client, conn)) in sessions {
                             let t = self.now + 3 * S;
-                            self.at(t, Ev::EndClient {
-                                client,
-                                conn,
-                                end: SessionEnd::Closed(imgate::engine::CloseReason::SlowConsumer),
-                            });
-                            self.at(t, Ev::Client {
-                                to: n,
-                                inc,
-                                conn,
-                                event: ClientEvent::Close { session },
-                            });
+                            self.at(
+                                t,
+                                Ev::EndClient {
+                                    client,
+                                    conn,
+                                    end: SessionEnd::Closed(
+                                        imgate::engine::CloseReason::SlowConsumer,
+                                    ),
+                                },
+                            );
+                            self.at(
+                                t,
+                                Ev::Client {
+                                    to: n,
+                                    inc,
+                                    conn,
+                                    event: ClientEvent::Close { session },
+                                },
+                            );
                         }
                     }
                 }
@@ -1037,8 +1086,7 @@ impl Sim {
             return;
         };
         let body: imgate::protocol::Body = Arc::from(
-            serde_json::value::RawValue::from_string(format!("{{\"id\":\"{id}\"}}"))
-                .expect("json"),
+            serde_json::value::RawValue::from_string(format!("{{\"id\":\"{id}\"}}")).expect("json"),
         );
         let d = self.client_delay();
         let inc = self.nodes[node].inc;
@@ -1049,12 +1097,16 @@ impl Sim {
             body,
             ts: self.now / MS,
         };
-        self.at_fifo((3, c, node), self.now + d, Ev::Client {
-            to: node,
-            inc,
-            conn,
-            event,
-        });
+        self.at_fifo(
+            (3, c, node),
+            self.now + d,
+            Ev::Client {
+                to: node,
+                inc,
+                conn,
+                event,
+            },
+        );
     }
 
     fn client_event(&mut self, n: usize, conn: u64, event: ClientEvent) {
@@ -1099,14 +1151,22 @@ impl Sim {
                 } else {
                     self.rng.random_range(MS..30 * MS)
                 };
-                self.at(self.now + d, Ev::Ack {
-                    client: c,
-                    conn,
-                    seq,
-                });
+                self.at(
+                    self.now + d,
+                    Ev::Ack {
+                        client: c,
+                        conn,
+                        seq,
+                    },
+                );
             }
             ServerFrame::Delivered { id, .. } | ServerFrame::Failed { id, .. } => {
-                self.note(|| format!("{uid} outcome {id}: {}", if ok { "delivered" } else { "failed" }));
+                self.note(|| {
+                    format!(
+                        "{uid} outcome {id}: {}",
+                        if ok { "delivered" } else { "failed" }
+                    )
+                });
                 if self.clients[c].pending.remove(&*id).is_none() {
                     self.pending_violation = Some(format!(
                         "{uid} got a second outcome for {id} (first: {:?})",
@@ -1146,7 +1206,10 @@ impl Sim {
 fn short(frame: &PeerFrame) -> String {
     match frame {
         PeerFrame::Deliver { tag, hops, msg } => {
-            format!("deliver tag {tag} hops {hops} {}→{} {}", msg.from, msg.to, msg.id)
+            format!(
+                "deliver tag {tag} hops {hops} {}→{} {}",
+                msg.from, msg.to, msg.id
+            )
         }
         PeerFrame::Outcome { tag, outcome } => format!("outcome tag {tag} {outcome:?}"),
         other => format!("{other:?}"),
@@ -1155,7 +1218,9 @@ fn short(frame: &PeerFrame) -> String {
 
 fn short_client(event: &ClientEvent) -> String {
     match event {
-        ClientEvent::Send { session, id, to, .. } => format!("send s{session} {id} → {to}"),
+        ClientEvent::Send {
+            session, id, to, ..
+        } => format!("send s{session} {id} → {to}"),
         ClientEvent::Ack { session, seq } => format!("ack s{session} seq {seq}"),
         other => format!("{other:?}"),
     }
@@ -1293,17 +1358,17 @@ impl Sim {
         Ok(())
     }
 
-    /// Whether no send waits for an outcome and every client is connected.
+    /// Whether no send waits for an outcome.
     fn quiet(&self) -> bool {
-        self.clients
-            .iter()
-            .all(|c| c.pending.is_empty() && c.sent >= self.sends_per_client)
+        self.clients.iter().all(|c| c.pending.is_empty())
     }
 }
 
 /// The recipient a client sent `id` to (recorded at the send).
 fn id_recipient(sim: &Sim, c: &Client, id: &str) -> Option<usize> {
-    sim.recipients.get(&(c.uid.clone(), id.to_string())).copied()
+    sim.recipients
+        .get(&(c.uid.clone(), id.to_string()))
+        .copied()
 }
 
 /// Runs one seed end to end: a random plan, the busy phase, then quiescence.
@@ -1344,16 +1409,16 @@ pub fn run_plan(
     for (a, b) in cuts {
         sim.at(faults_end, Ev::Fault(Fault::Heal(a, b)));
     }
-    // Within 10 s of simulated time, every node names the same owners.
-    sim.run_until(faults_end + 10 * S)?;
-    sim.check_agreement()?;
-    // Then every send ends, within the longest a forward can wait.
-    let limit = faults_end + 180 * S;
+    // Every send ends within `QUIESCE`, and within 10 s every node names the same owners.
+    let limit = faults_end + QUIESCE;
     while !sim.quiet() && sim.now < limit {
-        let next = sim.now + S;
+        let next = sim.now + 100 * MS;
         sim.run_until(next)?;
     }
+    sim.stats.quiet_after = sim.now.saturating_sub(faults_end);
     sim.check_end()?;
+    sim.run_until(faults_end + 10 * S)?;
+    sim.check_agreement()?;
     sim.stats.sim_time = sim.now;
     Ok((sim.stats.clone(), sim.fault_mix.clone()))
 }
