@@ -685,11 +685,9 @@ async fn api_push(
             ));
         }
     };
-    let body = req
-        .body
-        .map(|b| b.get().to_string())
-        .unwrap_or_else(|| "null".into());
-    if body.len() > shared.cfg.limits.max_body_bytes {
+    // The request's parse validated the body; it is kept as it came, not parsed again.
+    let body = req.body.unwrap_or_else(|| RawValue::NULL.to_owned());
+    if body.get().len() > shared.cfg.limits.max_body_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
@@ -699,8 +697,7 @@ async fn api_push(
             ),
         ));
     }
-    let body: crate::protocol::Body =
-        Arc::from(RawValue::from_string(body).expect("valid JSON text"));
+    let body: crate::protocol::Body = Arc::from(body);
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
     let (reply, outcome) = oneshot::channel();
     let msg = Message {

@@ -889,9 +889,9 @@ mod tests {
             hops: 0,
             msg: wire::WireMessage {
                 from: "alice".into(),
-                id: format!("m{tag}"),
+                id: format!("m{tag}").into(),
                 to: "bob".into(),
-                body: body.clone(),
+                body: body.as_str().into(),
                 ts: 1,
             },
         };

@@ -260,8 +260,8 @@ fn the_hops_rule_stops_re_forwarding() {
         hops,
         msg: WireMessage {
             from: "alice".into(),
-            id: format!("m{hops}"),
-            to: theirs.clone(),
+            id: format!("m{hops}").into(),
+            to: theirs.as_str().into(),
             body: "{}".into(),
             ts: 1,
         },

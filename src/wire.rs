@@ -43,17 +43,19 @@ pub enum WireError {
     Decode(String),
 }
 
-/// A message as it travels between nodes.
+/// A message as it travels between nodes. The fields are shared with the engine's
+/// [`Message`]: forwarding one copies no string but the body (whose JSON is checked again on
+/// arrival, see [`WireMessage::into_message`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireMessage {
     /// Sender uid.
-    pub from: String,
+    pub from: Arc<str>,
     /// Message id.
-    pub id: String,
+    pub id: Arc<str>,
     /// Recipient uid.
-    pub to: String,
+    pub to: Arc<str>,
     /// Raw JSON body text.
-    pub body: String,
+    pub body: Arc<str>,
     /// Taken at, ms since the epoch.
     pub ts: u64,
 }
@@ -62,10 +64,10 @@ impl WireMessage {
     /// From an engine message.
     pub fn from_message(m: &Message) -> WireMessage {
         WireMessage {
-            from: m.from.to_string(),
-            id: m.id.to_string(),
-            to: m.to.to_string(),
-            body: m.body.get().to_string(),
+            from: m.from.clone(),
+            id: m.id.clone(),
+            to: m.to.clone(),
+            body: Arc::from(m.body.get()),
             ts: m.ts,
         }
     }
@@ -89,14 +91,16 @@ impl WireMessage {
         Ok(())
     }
 
-    /// Into an engine message; `None` if the body is not JSON.
+    /// Into an engine message; `None` if the body is not JSON. The body is parsed once more
+    /// (without allocating) because it came from another process: a node must not hand its
+    /// clients what no client could send, even from a peer with a bug.
     pub fn into_message(self) -> Option<Message> {
-        let body = RawValue::from_string(self.body).ok()?;
+        let body: &RawValue = serde_json::from_str(&self.body).ok()?;
         Some(Message {
-            from: Arc::from(self.from),
-            id: Arc::from(self.id),
-            to: Arc::from(self.to),
-            body: Arc::from(body),
+            body: Arc::from(body.to_owned()),
+            from: self.from,
+            id: self.id,
+            to: self.to,
             ts: self.ts,
         })
     }
@@ -197,8 +201,10 @@ pub fn encode(frame: &PeerFrame, buf: &mut BytesMut) {
     let start = buf.len();
     buf.put_u32(0);
     buf.put_u8(VERSION);
-    let payload = bincode::serde::encode_to_vec(frame, config()).expect("peer frames encode");
-    buf.extend_from_slice(&payload);
+    let mut writer = buf.writer();
+    bincode::serde::encode_into_std_write(frame, &mut writer, config())
+        .expect("peer frames encode");
+    let buf = writer.into_inner();
     let len = (buf.len() - start - 4) as u32;
     buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
@@ -274,11 +280,11 @@ mod tests {
         type Break = fn(&mut WireMessage);
         let cases: [(&str, Break); 6] = [
             ("from", |m| m.from = "a\u{1b}b".into()),
-            ("from", |m| m.from = String::new()),
-            ("to", |m| m.to = "x".repeat(129)),
-            ("id", |m| m.id = String::new()),
-            ("id", |m| m.id = "i".repeat(65)),
-            ("body", |m| m.body = "1".repeat(65)),
+            ("from", |m| m.from = "".into()),
+            ("to", |m| m.to = "x".repeat(129).into()),
+            ("id", |m| m.id = "".into()),
+            ("id", |m| m.id = "i".repeat(65).into()),
+            ("body", |m| m.body = "1".repeat(65).into()),
         ];
         for (what, breaks) in cases {
             let mut m = good.clone();

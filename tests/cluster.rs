@@ -522,7 +522,7 @@ async fn a_malformed_deliver_from_a_peer_is_refused() {
         wire("alice", "x4", &"t".repeat(129)),
     ];
     let mut oversize = wire("alice", "x5", &b);
-    oversize.body = format!("\"{}\"", "x".repeat(n2.cfg.limits.max_body_bytes));
+    oversize.body = format!("\"{}\"", "x".repeat(n2.cfg.limits.max_body_bytes)).into();
     for (i, msg) in bad.into_iter().chain([oversize]).enumerate() {
         n2.link_events
             .send(LinkEvent::Frame {

@@ -654,10 +654,10 @@ fn text() -> BoxedStrategy<String> {
 fn wire_message() -> BoxedStrategy<WireMessage> {
     (text(), text(), text(), text(), any::<u64>())
         .prop_map(|(from, id, to, body, ts)| WireMessage {
-            from,
-            id,
-            to,
-            body,
+            from: from.into(),
+            id: id.into(),
+            to: to.into(),
+            body: body.into(),
             ts,
         })
         .boxed()
