@@ -125,6 +125,7 @@ fn regression_6794c0d_session_opened_on_a_non_owner_after_a_view_change() {
             (3500 * MS, Fault::Start(1)),
         ],
         busy_until: 8 * S,
+        refuse_per_mille: 0,
     };
     scripted(
         "regression_6794c0d_session_opened_on_a_non_owner_after_a_view_change",
@@ -149,6 +150,7 @@ fn regression_6794c0d_sessions_left_behind_when_the_owner_is_reachable_again() {
             (6 * S, Fault::Pause(2, 4 * S)),
         ],
         busy_until: 12 * S,
+        refuse_per_mille: 0,
     };
     scripted(
         "regression_6794c0d_sessions_left_behind_when_the_owner_is_reachable_again",
@@ -166,6 +168,7 @@ fn regression_05b4ae8_a_member_without_a_link_owns_nobody() {
         sends: 5,
         faults: vec![(500 * MS, Fault::Start(2)), (2 * S, Fault::Start(3))],
         busy_until: 5 * S,
+        refuse_per_mille: 0,
     };
     scripted(
         "regression_05b4ae8_a_member_without_a_link_owns_nobody",

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use imgate::engine::{EngineConfig, NodeId, SessionId};
 use imgate::metrics::Metrics;
 use imgate::protocol::ServerFrame;
-use imgate::relay::{ClientEvent, LinkEvent, Output, Relay, RelayConfig, SessionEnd};
+use imgate::relay::{Answer, ClientEvent, LinkEvent, Output, Relay, RelayConfig, SessionEnd};
 use imgate::ring::Ring;
 use imgate::view::{Member, View};
 use imgate::wire::PeerFrame;
@@ -56,6 +56,8 @@ pub struct Plan {
     pub faults: Vec<(T, Fault)>,
     /// When sends and faults stop; quiescence is checked after.
     pub busy_until: T,
+    /// Per mille of frames to peers the transport refuses (a full queue), while busy.
+    pub refuse_per_mille: u32,
 }
 
 /// A fault the scheduler injects.
@@ -122,12 +124,29 @@ impl Plan {
             }
         }
         faults.sort_by_key(|(t, _)| *t);
+        // One run in five also has queues towards peers that refuse frames now and then.
+        let refuse_per_mille = if rng.random_bool(0.2) {
+            rng.random_range(1..=20)
+        } else {
+            0
+        };
         Plan {
             nodes,
             clients,
             sends: rng.random_range(5..=20),
             faults,
             busy_until,
+            refuse_per_mille,
+        }
+    }
+
+    /// How long after the faults every send and request must have ended: 30 s, or 90 s when
+    /// frames are refused (a lost outcome is given up by the sender's sweep after 50 s).
+    pub fn quiesce(&self) -> T {
+        if self.refuse_per_mille > 0 {
+            90 * S
+        } else {
+            QUIESCE
         }
     }
 
@@ -145,6 +164,7 @@ impl Plan {
                 Fault::Partition(_) => "partition",
                 Fault::Unpartition => "unpartition",
             })
+            .chain((self.refuse_per_mille > 0).then_some("refusals"))
             .collect()
     }
 }
@@ -223,6 +243,8 @@ enum Ev {
     DrainDone { node: usize, inc: u64 },
     /// A fault of the plan.
     Fault(Fault),
+    /// The backend pushes a message (`/api/push`) or asks presence, at a random node.
+    Backend,
 }
 
 #[derive(Debug)]
@@ -304,6 +326,15 @@ pub struct Sim {
     recipients: HashMap<(Arc<str>, String), usize>,
     /// Whether events are written to the trace (a failing seed is run again with it).
     tracing: bool,
+    /// API requests waiting for their answer: `(node, incarnation, request)` -> the push's
+    /// `(id, recipient)`, or `None` for a presence question.
+    requests: HashMap<(usize, u64, u64), Option<(String, usize)>>,
+    /// Pushes made so far.
+    pushes: u64,
+    refuse_per_mille: u32,
+    quiesce: T,
+    /// Pushes answered `delivered`: `(id, recipient)`.
+    pushes_delivered: Vec<(String, usize)>,
     /// The node the last event went to, whose invariants are checked after it.
     touched: Option<usize>,
 }
@@ -311,6 +342,8 @@ pub struct Sim {
 const TRACE: usize = 400;
 /// Every send must have its outcome this long after the faults stop.
 pub const QUIESCE: T = 30 * S;
+/// After that, this long at rest empties every table (it is over the 50 s a forward may wait).
+pub const REST: T = 60 * S;
 const VNODES: u32 = 16;
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
@@ -360,6 +393,11 @@ impl Sim {
             recipients: HashMap::new(),
             tracing,
             touched: None,
+            requests: HashMap::new(),
+            pushes: 0,
+            pushes_delivered: Vec::new(),
+            refuse_per_mille: plan.refuse_per_mille,
+            quiesce: plan.quiesce(),
         };
         for i in 0..plan.nodes {
             sim.start_node(i);
@@ -381,6 +419,8 @@ impl Sim {
         for (t, f) in &plan.faults {
             sim.at(*t, Ev::Fault(f.clone()));
         }
+        let first = sim.rng.random_range(0..S);
+        sim.at(first, Ev::Backend);
         sim
     }
 
@@ -668,8 +708,11 @@ impl Sim {
                     let Some(to) = self.index_of(&node) else {
                         continue;
                     };
+                    let refused = self.now < self.busy_until
+                        && self.refuse_per_mille > 0
+                        && self.rng.random_range(0..1000) < self.refuse_per_mille;
                     match self.links.get(&pair(n, to)).copied().flatten() {
-                        Some(epoch) => {
+                        Some(epoch) if !refused => {
                             let d = self.link_delay(n, to);
                             let inc = self.nodes[to].inc;
                             let ev = Ev::Frame {
@@ -681,7 +724,7 @@ impl Sim {
                             };
                             self.at_fifo((2, n, to), self.now + d, ev);
                         }
-                        None => {
+                        _ => {
                             let now = self.instant();
                             if let Some(r) = self.nodes[n].relay.as_mut() {
                                 r.handle_refused(now, &node, frame);
@@ -689,7 +732,26 @@ impl Sim {
                         }
                     }
                 }
-                Output::Answer { .. } | Output::Kicked { .. } => {}
+                Output::Answer { req, answer } => {
+                    let inc = self.nodes[n].inc;
+                    match self.requests.remove(&(n, inc, req)) {
+                        None => {
+                            self.pending_violation = Some(format!(
+                                "n{} answered request {req} ({answer:?}) that was not waiting",
+                                n + 1
+                            ));
+                        }
+                        Some(Some((id, to))) => {
+                            let line = format!("n{} push {id} answered {answer:?}", n + 1);
+                            self.note(|| line);
+                            if answer == Answer::Outcome(imgate::engine::Outcome::Delivered) {
+                                self.pushes_delivered.push((id, to));
+                            }
+                        }
+                        Some(None) => {}
+                    }
+                }
+                Output::Kicked { .. } => {}
             }
         }
         self.arm_timer(n);
@@ -879,7 +941,47 @@ impl Sim {
                 }
             }
             Ev::Fault(f) => self.fault(f),
+            Ev::Backend => self.backend(),
         }
+    }
+
+    /// A push or a presence question at a random serving node, as the HTTP API makes them.
+    fn backend(&mut self) {
+        if self.now < self.busy_until {
+            let every = self.rng.random_range(50 * MS..400 * MS);
+            self.at(self.now + every, Ev::Backend);
+        }
+        let n = self.rng.random_range(0..self.nodes.len());
+        if !self.alive(n) || self.nodes[n].paused_until.is_some() {
+            return;
+        }
+        let to = self.rng.random_range(0..self.clients.len());
+        let uid = self.clients[to].uid.clone();
+        let now = self.instant();
+        let inc = self.nodes[n].inc;
+        let relay = self.nodes[n].relay.as_mut().expect("alive");
+        if self.rng.random_bool(0.7) {
+            self.pushes += 1;
+            let id = format!("p{}", self.pushes);
+            let body: imgate::protocol::Body = Arc::from(
+                serde_json::value::RawValue::from_string("{\"push\":true}".into()).expect("json"),
+            );
+            let msg = imgate::engine::Message {
+                from: Arc::from(imgate::uid::SYSTEM_SENDER),
+                id: Arc::from(id.as_str()),
+                to: uid,
+                body,
+                ts: self.now / MS,
+            };
+            let req = relay.push(now, msg);
+            self.requests.insert((n, inc, req), Some((id.clone(), to)));
+            self.note(|| format!("n{} push {id} to u{to} (request {req})", n + 1));
+        } else {
+            let req = relay.presence(now, &uid);
+            self.requests.insert((n, inc, req), None);
+        }
+        self.touched = Some(n);
+        self.outputs(n);
     }
 
     /// Nodes alive and not draining, other than `n`.
@@ -1329,16 +1431,60 @@ impl Sim {
         Ok(())
     }
 
+    /// At rest: no live relay holds a forward, a request or a delivery.
+    pub fn check_rest(&self) -> Result<(), Violation> {
+        for n in self.serving() {
+            let r = self.nodes[n].relay.as_ref().expect("serving");
+            let left = [
+                ("forwards", r.forward_count()),
+                ("requests", r.request_count()),
+                ("deliveries", r.engine().deliveries_in_flight()),
+            ];
+            for (what, count) in left {
+                if count > 0 {
+                    return Err(self.violation(format!(
+                        "n{} still holds {count} {what} after {} s at rest",
+                        n + 1,
+                        REST / S
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// At the end: every send has its outcome, and everything reported delivered reached the
     /// recipient's application.
     pub fn check_end(&self) -> Result<(), Violation> {
+        if let Some(((n, _, req), what)) = self
+            .requests
+            .iter()
+            .find(|((n, inc, _), _)| self.alive(*n) && self.nodes[*n].inc == *inc)
+        {
+            return Err(self.violation(format!(
+                "n{}'s API request {req} ({what:?}) has no answer {} s after the faults stopped",
+                n + 1,
+                self.quiesce / S
+            )));
+        }
+        for (id, to) in &self.pushes_delivered {
+            let key = (
+                Arc::from(imgate::uid::SYSTEM_SENDER),
+                Arc::from(id.as_str()),
+            );
+            if !self.clients[*to].app.contains(&key) {
+                return Err(self.violation(format!(
+                    "push {id} was answered delivered but u{to} never received it"
+                )));
+            }
+        }
         for c in &self.clients {
             if let Some((id, to)) = c.pending.iter().next() {
                 return Err(self.violation(format!(
                     "{}'s send {id} to u{to} has no outcome {} s after the faults stopped \
                      ({} without)",
                     c.uid,
-                    (self.now - self.busy_until) / S,
+                    self.quiesce / S,
                     c.pending.len()
                 )));
             }
@@ -1358,9 +1504,13 @@ impl Sim {
         Ok(())
     }
 
-    /// Whether no send waits for an outcome.
+    /// Whether no send waits for an outcome and no request of a live node for its answer.
     fn quiet(&self) -> bool {
         self.clients.iter().all(|c| c.pending.is_empty())
+            && !self
+                .requests
+                .keys()
+                .any(|(n, inc, _)| self.alive(*n) && self.nodes[*n].inc == *inc)
     }
 }
 
@@ -1410,7 +1560,7 @@ pub fn run_plan(
         sim.at(faults_end, Ev::Fault(Fault::Heal(a, b)));
     }
     // Every send ends within `QUIESCE`, and within 10 s every node names the same owners.
-    let limit = faults_end + QUIESCE;
+    let limit = faults_end + plan.quiesce();
     while !sim.quiet() && sim.now < limit {
         let next = sim.now + 100 * MS;
         sim.run_until(next)?;
@@ -1419,6 +1569,9 @@ pub fn run_plan(
     sim.check_end()?;
     sim.run_until(faults_end + 10 * S)?;
     sim.check_agreement()?;
+    // At rest, past the longest a forward may wait, nothing is left in any table.
+    sim.run_until(faults_end + plan.quiesce() + REST)?;
+    sim.check_rest()?;
     sim.stats.sim_time = sim.now;
     Ok((sim.stats.clone(), sim.fault_mix.clone()))
 }
