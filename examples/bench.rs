@@ -221,7 +221,9 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
         .spawn()
         .context("starting redis-server (bench/setup.sh installs it)")?;
     let raddr = format!("127.0.0.1:{redis_port}");
-    wait_for(Duration::from_secs(10), || async {
+    // After the idle scenario's tens of thousands of connections, loopback ports sit in
+    // TIME_WAIT for up to 60 s and a connect may fail until they drain.
+    wait_for(Duration::from_secs(75), || async {
         tokio::net::TcpStream::connect(&raddr).await.is_ok()
     })
     .await?;
@@ -242,7 +244,7 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
         });
     }
     for s in &list {
-        wait_for(Duration::from_secs(20), || async {
+        wait_for(Duration::from_secs(75), || async {
             tokio::net::TcpStream::connect(&s.addr).await.is_ok()
         })
         .await?;

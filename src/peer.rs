@@ -4,9 +4,9 @@
 //! unidirectional stream for everything it sends (a [`wire::PREAMBLE`], a `Hello`, then frames
 //! written in batches), and reads the other side's stream. One task per peer owns the link: it
 //! dials (or waits for the accepted connection), writes what the driver queued, and on
-//! loss marks the peer unreachable, drops what was queued, tells the driver (`PeerDown`, which
-//! fails the forwards in flight) and reconnects with backoff. Reading happens in a second task
-//! per link that hands frames to the driver.
+//! loss marks the peer unreachable, drops what was queued, reports [`LinkEvent::Down`] (the
+//! relay fails the forwards in flight) and reconnects with backoff. Reading happens in a second
+//! task per link that reports each frame as [`LinkEvent::Frame`].
 //!
 //! Only nodes holding the cluster secret complete the mutual-TLS handshake ([`crate::tls`]), and
 //! each certificate names its node: the dialer asks for the node it expects, the acceptor
@@ -718,7 +718,7 @@ mod tests {
         b.update(&v);
     }
 
-    /// Waits for `PeerUp` of `node` on `rx`, at most `limit`; false if none came.
+    /// Waits for `LinkEvent::Up` of `node` on `rx`, at most `limit`; false if none came.
     async fn peer_up(rx: &mut mpsc::Receiver<LinkEvent>, node: &str, limit: Duration) -> bool {
         tokio::time::timeout(limit, async {
             loop {
@@ -831,7 +831,7 @@ mod tests {
     }
 
     /// With a real peer the link comes up, and the peer is reachable by the time the driver
-    /// hears `PeerUp`.
+    /// hears `LinkEvent::Up`.
     #[tokio::test]
     async fn a_peer_is_reachable_once_its_link_is_up() {
         let (tx1, mut rx1) = mpsc::channel(16);

@@ -1,8 +1,8 @@
 //! One WebSocket session: reads client frames, writes node frames, keeps the socket alive.
 //!
 //! A session is one task that owns its socket. Client frames are parsed here (so a bad frame
-//! costs the engine nothing) and requests go to the engine driver; frames from the engine
-//! arrive on the session's bounded outbox. The task also sends WebSocket pings every
+//! costs the relay nothing) and what the client says goes to the driver ([`crate::driver`]);
+//! frames for the client arrive on the session's bounded outbox. The task also sends WebSocket pings every
 //! `websocket.ping_interval_ms` and closes a socket silent for `websocket.idle_timeout_ms`.
 //!
 //! Every write has a deadline (`websocket.write_timeout_ms`): a client that stops reading
