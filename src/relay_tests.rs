@@ -1,35 +1,13 @@
 //! Unit tests of the relay: one core at a time, fed by hand, no sockets and no sleeps.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-
 use super::*;
-use crate::ring::Ring;
-use crate::view::Member;
 
 fn t0() -> Instant {
     Instant::now()
 }
 
 fn view(ids: &[&str]) -> Arc<View> {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let members: BTreeMap<NodeId, Member> = ids
-        .iter()
-        .map(|id| {
-            let id: NodeId = Arc::from(*id);
-            let m = Member {
-                id: id.clone(),
-                url: Arc::from(format!("ws://{id}/ws")),
-                http: format!("{id}:80"),
-                quic: any,
-                gossip: any,
-                generation: 1,
-            };
-            (id, m)
-        })
-        .collect();
-    let ring = Ring::new(members.keys().cloned(), 64, 1);
-    Arc::new(View { members, ring })
+    Arc::new(View::for_test(ids))
 }
 
 fn relay(me: &str, cfg: RelayConfig) -> Relay {

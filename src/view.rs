@@ -43,6 +43,31 @@ impl View {
     }
 }
 
+impl View {
+    /// A view of members `ids` with placeholder addresses (`ws://<id>/ws`, port 0), on a ring
+    /// of 64 points each: for tests and simulations of the cluster core, which never dial.
+    pub fn for_test(ids: &[&str]) -> View {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let members: BTreeMap<NodeId, Member> = ids
+            .iter()
+            .map(|id| {
+                let id: NodeId = Arc::from(*id);
+                let member = Member {
+                    id: id.clone(),
+                    url: Arc::from(format!("ws://{id}/ws")),
+                    http: format!("{id}:80"),
+                    quic: any,
+                    gossip: any,
+                    generation: 1,
+                };
+                (id, member)
+            })
+            .collect();
+        let ring = Ring::new(members.keys().cloned(), 64, 1);
+        View { members, ring }
+    }
+}
+
 impl Default for View {
     /// No member and an empty ring: nobody owns anyone.
     fn default() -> Self {

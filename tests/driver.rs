@@ -3,44 +3,24 @@
 //! commands, link events, views and timers reach the relay and its outputs reach sessions,
 //! peers and waiting requests.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use imgate::driver::{Driver, Inputs};
-use imgate::engine::{Message, NodeId, Outcome};
+use imgate::engine::{Message, Outcome};
 use imgate::kicks::Kicks;
 use imgate::metrics::Metrics;
 use imgate::outbox::{FrameQueue, Outbox};
 use imgate::protocol::{Body, FailReason, ServerFrame};
 use imgate::relay::{Answer, ClientEvent, Relay, RelayConfig, SessionEnd, Status};
-use imgate::ring::Ring;
 use imgate::state::Command;
 use imgate::transport::MemNet;
-use imgate::view::{Member, View};
+use imgate::view::View;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 fn view(ids: &[&str]) -> Arc<View> {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let members: BTreeMap<NodeId, Member> = ids
-        .iter()
-        .map(|id| {
-            let id: NodeId = Arc::from(*id);
-            let m = Member {
-                id: id.clone(),
-                url: Arc::from(format!("ws://{id}/ws")),
-                http: format!("{id}:80"),
-                quic: any,
-                gossip: any,
-                generation: 1,
-            };
-            (id, m)
-        })
-        .collect();
-    let ring = Ring::new(members.keys().cloned(), 64, 1);
-    Arc::new(View { members, ring })
+    Arc::new(View::for_test(ids))
 }
 
 fn uid_owned_by(v: &View, node: &str, prefix: &str) -> String {
