@@ -104,7 +104,7 @@ impl<T: Transport> Driver<T> {
 
     fn command(&mut self, cmd: Command) {
         let (now, relay) = (now(), &mut self.relay);
-        match cmd {
+        let (req, reply) = match cmd {
             Command::Open {
                 session,
                 uid,
@@ -119,33 +119,29 @@ impl<T: Transport> Driver<T> {
                     iat,
                     revoked,
                 };
-                relay.handle_client(now, open);
+                return relay.handle_client(now, open);
             }
             Command::Client(event) => {
                 if let ClientEvent::Close { session } = &event {
                     self.outboxes.remove(session);
                 }
-                relay.handle_client(now, event);
+                return relay.handle_client(now, event);
             }
-            Command::Push { msg, reply } => {
-                let req = relay.push(now, msg);
-                self.replies.insert(req, reply);
-            }
-            Command::Presence { uid, reply } => {
-                let req = relay.presence(now, &uid);
-                self.replies.insert(req, reply);
-            }
-            Command::Kick { uid, at, reply } => match reply {
-                Some(reply) => {
-                    let req = relay.kick(now, &uid, at);
-                    self.replies.insert(req, reply);
-                }
-                None => relay.kick_local(now, &uid, at),
-            },
-            Command::Status { reply } => {
-                let _ = reply.send(relay.status());
-            }
-        }
+            Command::Status { reply } => return reply.send(relay.status()).unwrap_or(()),
+            Command::Kick {
+                uid,
+                at,
+                reply: None,
+            } => return relay.kick_local(now, &uid, at),
+            Command::Kick {
+                uid,
+                at,
+                reply: Some(reply),
+            } => (relay.kick(now, &uid, at), reply),
+            Command::Push { msg, reply } => (relay.push(now, msg), reply),
+            Command::Presence { uid, reply } => (relay.presence(now, &uid), reply),
+        };
+        self.replies.insert(req, reply);
     }
 
     /// Carries out the relay's outputs; a full outbox or a refused frame, reported back, can
