@@ -186,6 +186,7 @@ enum Cmd {
         id: String,
         to: String,
         body: Value,
+        transient: bool,
         reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
     },
 }
@@ -294,6 +295,30 @@ impl Client {
         to: &str,
         body: Value,
     ) -> Result<PendingSend, ClientError> {
+        self.queue(id, to, body, false)
+    }
+
+    /// Sends a transient message (a typing indicator, a read receipt): the node pushes it once
+    /// and holds nothing; it resolves to `delivered`, or to `failed` (`offline` at once when `to`
+    /// has no session, `timeout` without an ack). It is never sent again: if the session ends
+    /// first, it resolves to `failed: unreachable` (outcome unknown).
+    ///
+    /// # Errors
+    /// As [`Client::send`].
+    pub fn send_transient(&self, to: &str, body: Value) -> Result<PendingSend, ClientError> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.queue(&format!("{}-{n}", self.prefix), to, body, true)
+    }
+
+    fn queue(
+        &self,
+        id: &str,
+        to: &str,
+        body: Value,
+        transient: bool,
+    ) -> Result<PendingSend, ClientError> {
         if id.is_empty() || id.len() > crate::protocol::MAX_ID_BYTES {
             return Err(ClientError::Invalid("id must be 1 to 64 bytes"));
         }
@@ -303,6 +328,7 @@ impl Client {
             id: id.to_string(),
             to: to.to_string(),
             body,
+            transient,
             reply,
         };
         self.cmd.try_send(cmd).map_err(|e| match e {
@@ -320,6 +346,7 @@ struct Pending {
     id: String,
     to: String,
     body: Value,
+    transient: bool,
     attempts: u32,
     written: Instant,
     reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
@@ -330,12 +357,14 @@ impl Pending {
         id: String,
         to: String,
         body: Value,
+        transient: bool,
         reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
     ) -> Pending {
         Pending {
             id,
             to,
             body,
+            transient,
             attempts: 1,
             written: Instant::now(),
             reply,
@@ -394,6 +423,29 @@ impl PendingSet {
         self.by_order.remove(&k)
     }
 
+    /// Removes every transient send: they are never sent again.
+    fn take_transient(&mut self) -> Vec<Pending> {
+        let keys: Vec<u64> = self
+            .by_order
+            .iter()
+            .filter(|(_, p)| p.transient)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(p) = self.by_order.remove(&k) {
+                if let Some(ks) = self.order_of.get_mut(&p.id) {
+                    ks.retain(|x| *x != k);
+                    if ks.is_empty() {
+                        self.order_of.remove(&p.id);
+                    }
+                }
+                out.push(p);
+            }
+        }
+        out
+    }
+
     fn peek_mut(&mut self, id: &str) -> Option<&mut Pending> {
         let k = *self.order_of.get(id)?.first()?;
         self.by_order.get_mut(&k)
@@ -424,7 +476,10 @@ impl Seen {
 }
 
 fn send_frame(p: &Pending) -> WsMessage {
-    let f = json!({"type": "send", "id": p.id, "to": p.to, "body": p.body});
+    let mut f = json!({"type": "send", "id": p.id, "to": p.to, "body": p.body});
+    if p.transient {
+        f["transient"] = Value::Bool(true);
+    }
     WsMessage::Text(f.to_string().into())
 }
 
@@ -638,7 +693,13 @@ async fn run(
             }
         }
         backoff = cfg.min_backoff;
-        // 3. Resend everything without an outcome, in order, with the same ids.
+        // 3. Resend everything without an outcome, in order, with the same ids; transient sends
+        //    are not sent again (their outcome is unknown).
+        for p in st.pending.take_transient() {
+            let _ = p
+                .reply
+                .send(Ok(SendOutcome::Failed(FailReason::Unreachable)));
+        }
         let mut ok = true;
         for p in st.pending.by_order.values_mut() {
             bump(&st.stats.resent);
@@ -746,12 +807,12 @@ async fn serve(
                 }
             }
             cmd = cmds.recv() => {
-                let Some(Cmd::Send { id, to, body, reply }) = cmd else { return Ended::Stop };
+                let Some(Cmd::Send { id, to, body, transient, reply }) = cmd else { return Ended::Stop };
                 if pending.len() >= cfg.max_pending {
                     let _ = reply.send(Err(ClientError::TooManyPending));
                     continue;
                 }
-                let mut p = Pending::new(id, to, body, reply);
+                let mut p = Pending::new(id, to, body, transient, reply);
                 let frame = p.frame();
                 pending.insert(p);
                 if ws.send(frame).await.is_err() {
@@ -810,7 +871,7 @@ async fn serve(
                         let reason: FailReason = serde_json::from_value(f["reason"].clone()).unwrap_or(FailReason::Invalid);
                         let again = pending.peek_mut(id).is_some_and(|p| {
                             p.report(cfg, SendOutcome::Failed(reason));
-                            retryable(reason) && p.attempts < cfg.max_attempts
+                            retryable(reason) && p.attempts < cfg.max_attempts && !p.transient
                         });
                         if again {
                             let p = pending.peek_mut(id).expect("checked");
@@ -860,11 +921,14 @@ async fn wait_backoff(
         tokio::select! {
             _ = tokio::time::sleep_until(until) => return true,
             cmd = cmds.recv() => {
-                let Some(Cmd::Send { id, to, body, reply }) = cmd else { return false };
+                let Some(Cmd::Send { id, to, body, transient, reply }) = cmd else { return false };
                 if pending.len() >= cfg.max_pending {
                     let _ = reply.send(Err(ClientError::TooManyPending));
+                } else if transient {
+                    // A signal made while disconnected is stale by the time a session is up.
+                    let _ = reply.send(Ok(SendOutcome::Failed(FailReason::Unreachable)));
                 } else {
-                    pending.insert(Pending::new(id, to, body, reply));
+                    pending.insert(Pending::new(id, to, body, false, reply));
                 }
             }
         }
@@ -877,7 +941,10 @@ mod tests {
 
     fn pending(id: &str) -> (Pending, oneshot::Receiver<Result<SendOutcome, ClientError>>) {
         let (reply, rx) = oneshot::channel();
-        (Pending::new(id.into(), "b".into(), Value::Null, reply), rx)
+        (
+            Pending::new(id.into(), "b".into(), Value::Null, false, reply),
+            rx,
+        )
     }
 
     #[test]

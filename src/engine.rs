@@ -74,6 +74,9 @@ pub struct Message {
     pub body: Body,
     /// Milliseconds since the epoch when the sender's node took it.
     pub ts: u64,
+    /// No hold, no retry, no dedup memory: delivered if a session acks within the ack
+    /// timeout, else failed (`offline` at once when the recipient has no session).
+    pub transient: bool,
 }
 
 /// The end of a delivery.
@@ -461,6 +464,7 @@ impl Engine {
         to: &str,
         body: Body,
         ts: u64,
+        transient: bool,
         route: Route,
         out: &mut Vec<Action>,
     ) {
@@ -496,6 +500,7 @@ impl Engine {
             to,
             body,
             ts,
+            transient,
         };
         match route {
             Route::Local => {
@@ -560,7 +565,13 @@ impl Engine {
 
     fn take(&mut self, now: Instant, msg: Message, waiter: Waiter, out: &mut Vec<Action>) {
         let key = dedup_key(&msg);
-        match self.dedup.get(&key) {
+        // A transient message is never remembered: a repeated id is a new message.
+        let seen = if msg.transient {
+            None
+        } else {
+            self.dedup.get(&key)
+        };
+        match seen {
             Some(Dedup::InFlight(did)) => {
                 let did = *did;
                 self.metrics.duplicates.inc();
@@ -594,7 +605,9 @@ impl Engine {
         self.metrics.messages_in.inc();
         let did = self.next_delivery;
         self.next_delivery += 1;
-        self.dedup.insert(key, Dedup::InFlight(did));
+        if !msg.transient {
+            self.dedup.insert(key, Dedup::InFlight(did));
+        }
         self.delivery_bytes += bytes;
         self.metrics.delivery_bytes.set(self.delivery_bytes as i64);
         self.deliveries.insert(
@@ -710,7 +723,14 @@ impl Engine {
             self.finish(now, did, Outcome::Failed(FailReason::Timeout), out);
             return;
         }
+        // A transient message is placed once: the sessions it was pushed to closed without an
+        // ack, and it is not pushed again.
+        if d.msg.transient && d.placements > 0 {
+            self.finish(now, did, Outcome::Failed(FailReason::Offline), out);
+            return;
+        }
         d.placements += 1;
+        let transient = d.msg.transient;
         let to = d.msg.to.clone();
         let sessions: Vec<SessionId> = self
             .users
@@ -721,6 +741,11 @@ impl Engine {
             for session in sessions {
                 self.push_to(now, did, session, true, out);
             }
+            return;
+        }
+        // Not held: `offline` at once.
+        if transient {
+            self.finish(now, did, Outcome::Failed(FailReason::Offline), out);
             return;
         }
         let user = self.users.entry(to.clone()).or_default();
@@ -810,7 +835,11 @@ impl Engine {
         if p.deadline != at {
             return;
         }
-        if p.retries < max_retries {
+        let transient = self
+            .deliveries
+            .get(&p.delivery)
+            .is_some_and(|d| d.msg.transient);
+        if p.retries < max_retries && !transient {
             p.retries += 1;
             p.deadline = now + ack_timeout;
             let deadline = p.deadline;
@@ -848,6 +877,13 @@ impl Engine {
         }
         let key = dedup_key(&d.msg);
         match outcome {
+            _ if d.msg.transient => {
+                if let Outcome::Failed(reason) = outcome {
+                    self.metrics.failed(reason);
+                } else {
+                    self.metrics.delivered.inc();
+                }
+            }
             Outcome::Delivered => {
                 self.metrics.delivered.inc();
                 let until = now + self.cfg.dedup_window;

@@ -58,8 +58,32 @@ impl Harness {
     }
 
     fn send_routed(&mut self, s: SessionId, id: &str, to: &str, route: Route) -> Vec<String> {
-        self.engine
-            .send(self.now, s, id, to, body(id), 42, route, &mut self.out);
+        self.engine.send(
+            self.now,
+            s,
+            id,
+            to,
+            body(id),
+            42,
+            false,
+            route,
+            &mut self.out,
+        );
+        self.take()
+    }
+
+    fn send_transient(&mut self, s: SessionId, id: &str, to: &str) -> Vec<String> {
+        self.engine.send(
+            self.now,
+            s,
+            id,
+            to,
+            body(id),
+            42,
+            true,
+            Route::Local,
+            &mut self.out,
+        );
         self.take()
     }
 
@@ -69,12 +93,24 @@ impl Harness {
     }
 
     fn deliver(&mut self, from: &str, id: &str, to: &str, waiter: Waiter) -> Vec<String> {
+        self.deliver_as(from, id, to, waiter, false)
+    }
+
+    fn deliver_as(
+        &mut self,
+        from: &str,
+        id: &str,
+        to: &str,
+        waiter: Waiter,
+        transient: bool,
+    ) -> Vec<String> {
         let msg = Message {
             from: from.into(),
             id: id.into(),
             to: to.into(),
             body: body(id),
             ts: 7,
+            transient,
         };
         self.engine.deliver(self.now, msg, waiter, &mut self.out);
         self.take()
@@ -719,4 +755,77 @@ fn each_held_message_expires_on_its_own() {
     assert_eq!(h.open(2, "bob"), ["s2 msg 1 alice m2"]);
     assert_eq!(h.engine.metrics().held.get(), 0);
     assert_eq!(h.ack(2, 1), ["s1 delivered m2 bob"]);
+}
+
+// ----- transient messages -----------------------------------------------------------------------
+
+#[test]
+fn a_transient_message_is_delivered_on_ack() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.open(3, "bob");
+    assert_eq!(
+        h.send_transient(1, "t1", "bob"),
+        ["s2 msg 1 alice t1", "s3 msg 1 alice t1"]
+    );
+    assert_eq!(h.ack(3, 1), ["s1 delivered t1 bob"]);
+    assert_eq!(h.engine.deliveries_in_flight(), 0);
+    assert_eq!(h.engine.dedup_len(), 0, "nothing remembered");
+}
+
+#[test]
+fn a_transient_message_to_a_user_without_a_session_fails_offline_at_once() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    assert_eq!(h.send_transient(1, "t1", "bob"), ["s1 failed t1 offline"]);
+    assert_eq!(h.engine.deliveries_in_flight(), 0, "not held");
+    assert!(
+        h.open(2, "bob").is_empty(),
+        "nothing pushed to a later session"
+    );
+}
+
+#[test]
+fn a_transient_message_is_not_retried_and_times_out() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send_transient(1, "t1", "bob");
+    assert_eq!(h.advance(1000), ["s1 failed t1 timeout"], "no second push");
+    assert!(h.advance(10_000).is_empty());
+    assert!(h.ack(2, 1).is_empty(), "a late ack is ignored");
+}
+
+#[test]
+fn a_transient_message_whose_session_closes_is_not_pushed_again() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send_transient(1, "t1", "bob");
+    h.open(3, "bob");
+    assert_eq!(h.close(2), ["s1 failed t1 offline"]);
+}
+
+#[test]
+fn a_repeated_transient_id_is_a_new_message() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.open(2, "bob");
+    h.send_transient(1, "t1", "bob");
+    assert_eq!(h.ack(2, 1), ["s1 delivered t1 bob"]);
+    assert_eq!(h.send_transient(1, "t1", "bob"), ["s2 msg 2 alice t1"]);
+    // And it does not spoil the dedup of a durable message with the same id.
+    h.ack(2, 2);
+    h.send(1, "m1", "bob");
+    h.ack(2, 3);
+    assert_eq!(
+        h.deliver_as("alice", "m1", "bob", Waiter::Api(9), true)
+            .len(),
+        1
+    );
+    assert_eq!(
+        h.deliver("alice", "m1", "bob", Waiter::Api(10)),
+        ["report Api(10) m1 Delivered"]
+    );
 }

@@ -654,6 +654,7 @@ struct PushBody {
     body: Option<Box<RawValue>>,
     id: Option<serde_json::Value>,
     wait_ms: Option<u64>,
+    transient: Option<bool>,
 }
 
 /// Longest `wait_ms` honoured by `/api/push`, in milliseconds.
@@ -701,6 +702,7 @@ async fn api_push(
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
     let (reply, outcome) = oneshot::channel();
     let msg = Message {
+        transient: req.transient.unwrap_or(false),
         from: Arc::from(crate::uid::SYSTEM_SENDER),
         id: Arc::from(id.as_str()),
         to: Arc::from(to.as_str()),

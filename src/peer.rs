@@ -84,7 +84,7 @@ struct Peer {
 /// other frames are small and bounded by the frame count.
 fn queued_size(frame: &PeerFrame) -> usize {
     match frame {
-        PeerFrame::Deliver { msg, .. } => {
+        PeerFrame::Deliver { msg, .. } | PeerFrame::DeliverTransient { msg, .. } => {
             msg.body.len() + msg.id.len() + msg.from.len() + msg.to.len()
         }
         _ => 0,

@@ -28,6 +28,8 @@ pub enum ClientFrame {
         to: String,
         /// Raw JSON body.
         body: Body,
+        /// `"transient": true`: no hold, no retry, no dedup memory (typing indicators).
+        transient: bool,
     },
     /// `ack`.
     Ack {
@@ -117,6 +119,8 @@ struct Envelope<'a> {
     seq: Option<&'a RawValue>,
     #[serde(borrow)]
     token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    transient: Option<&'a RawValue>,
 }
 
 fn as_string(raw: Option<&RawValue>) -> Option<String> {
@@ -162,9 +166,25 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
                     reason: FailReason::TooLarge,
                 });
             }
+            let transient = match env.transient.map(RawValue::get) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(_) => {
+                    return Err(FrameError::Refused {
+                        id,
+                        to,
+                        reason: FailReason::Invalid,
+                    });
+                }
+            };
             // The frame's parse validated the body: it is copied, not parsed again.
             let body: Body = Arc::from(body.to_owned());
-            Ok(ClientFrame::Send { id, to, body })
+            Ok(ClientFrame::Send {
+                id,
+                to,
+                body,
+                transient,
+            })
         }
         "ack" => {
             let seq = env
@@ -318,7 +338,13 @@ mod tests {
     #[test]
     fn parses_requests() {
         match parse(r#"{"type":"send","id":"m1","to":"bob","body":{"t":"hi"},"x":1}"#).unwrap() {
-            ClientFrame::Send { id, to, body } => {
+            ClientFrame::Send {
+                id,
+                to,
+                body,
+                transient,
+            } => {
+                assert!(!transient);
                 assert_eq!((id.as_str(), to.as_str()), ("m1", "bob"));
                 assert_eq!(body.get(), r#"{"t":"hi"}"#);
             }

@@ -86,6 +86,8 @@ pub enum ClientEvent {
         body: Body,
         /// Taken at, ms since the epoch.
         ts: u64,
+        /// No hold, no retry, no dedup memory.
+        transient: bool,
     },
     /// An `ack`.
     Ack {
@@ -471,11 +473,21 @@ impl Relay {
                 to,
                 body,
                 ts,
+                transient,
             } => {
                 let route = self.route(&to);
                 let local = route == Route::Local;
-                self.engine
-                    .send(now, session, &id, &to, body, ts, route, &mut self.actions);
+                self.engine.send(
+                    now,
+                    session,
+                    &id,
+                    &to,
+                    body,
+                    ts,
+                    transient,
+                    route,
+                    &mut self.actions,
+                );
                 if local {
                     self.note_local(&to);
                 }
@@ -597,7 +609,7 @@ impl Relay {
         );
         self.behind.clear();
         self.behind_len = 0;
-        let users: Vec<Arc<str>> = self.engine.local_users().cloned().collect();
+        let users = sorted(self.engine.local_users().cloned().collect());
         self.hand_over(now, users);
         self.carry_out(now);
     }
@@ -611,7 +623,7 @@ impl Relay {
                 // Only users that put this peer ahead of this node can move to it.
                 if let Some(users) = self.behind.remove(&node) {
                     self.behind_len -= users.len();
-                    self.hand_over(now, users.into_iter().collect());
+                    self.hand_over(now, sorted(users.into_iter().collect()));
                 }
             }
             // A peer going away cannot make another node the owner of a user this node owns:
@@ -629,7 +641,7 @@ impl Relay {
     /// full): what waited on it fails now.
     pub fn handle_refused(&mut self, now: Instant, node: &NodeId, frame: PeerFrame) {
         match frame {
-            PeerFrame::Deliver { tag, .. } => {
+            PeerFrame::Deliver { tag, .. } | PeerFrame::DeliverTransient { tag, .. } => {
                 if let Some(f) = self.forwards.remove(&tag) {
                     tracing::debug!(peer = %node, id = %f.id, "forward refused by the link");
                     self.unreachable(f.waiters, &f.id, &f.to);
@@ -765,7 +777,12 @@ impl Relay {
     fn on_peer_frame(&mut self, now: Instant, from: NodeId, frame: PeerFrame) {
         match frame {
             PeerFrame::Hello { .. } => {}
-            PeerFrame::Deliver { tag, hops, msg } => self.on_deliver(now, from, tag, hops, msg),
+            PeerFrame::Deliver { tag, hops, msg } => {
+                self.on_deliver(now, from, tag, hops, msg, false)
+            }
+            PeerFrame::DeliverTransient { tag, hops, msg } => {
+                self.on_deliver(now, from, tag, hops, msg, true)
+            }
             PeerFrame::Outcome { tag, outcome } => {
                 if let Some(f) = self.forwards.remove(&tag) {
                     self.metrics
@@ -811,9 +828,17 @@ impl Relay {
         }
     }
 
-    fn on_deliver(&mut self, now: Instant, from: NodeId, tag: u64, hops: u8, msg: WireMessage) {
+    fn on_deliver(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        tag: u64,
+        hops: u8,
+        msg: WireMessage,
+        transient: bool,
+    ) {
         let checked = match msg.check(self.cfg.max_body_bytes) {
-            Ok(()) => msg.into_message(),
+            Ok(()) => msg.into_message(transient),
             Err(why) => {
                 tracing::warn!(peer = %from, why, "refused a message from a peer");
                 None
@@ -853,6 +878,9 @@ impl Relay {
             .filter(|(_, f)| lost(&f.node))
             .map(|(t, _)| *t)
             .collect();
+        // In tag order, so that a run's outputs depend on its inputs alone (the simulation
+        // replays a seed exactly).
+        let tags = sorted(tags);
         if !tags.is_empty() {
             tracing::warn!(
                 forwards = tags.len(),
@@ -871,6 +899,7 @@ impl Relay {
             .filter(|(_, r)| r.asked.as_ref().is_some_and(&lost))
             .map(|(req, _)| *req)
             .collect();
+        let asks = sorted(asks);
         for req in asks {
             self.requests.remove(&req);
             self.answer(req, Answer::Unanswered);
@@ -901,10 +930,19 @@ impl Relay {
             return;
         }
         let tag = self.next_tag();
-        let frame = PeerFrame::Deliver {
-            tag,
-            hops,
-            msg: WireMessage::from_message(&msg),
+        let wire = WireMessage::from_message(&msg);
+        let frame = if msg.transient {
+            PeerFrame::DeliverTransient {
+                tag,
+                hops,
+                msg: wire,
+            }
+        } else {
+            PeerFrame::Deliver {
+                tag,
+                hops,
+                msg: wire,
+            }
         };
         self.metrics.messages_forwarded.inc();
         self.forwards.insert(
@@ -991,6 +1029,7 @@ impl Relay {
             .filter(|(_, f)| now.saturating_duration_since(f.at) > max_age)
             .map(|(t, _)| *t)
             .collect();
+        let stale = sorted(stale);
         for tag in stale {
             if let Some(f) = self.forwards.remove(&tag) {
                 tracing::warn!(node = %f.node, id = %f.id, "no outcome from the owner in time");
@@ -1006,6 +1045,7 @@ impl Relay {
             })
             .map(|(req, _)| *req)
             .collect();
+        let late = sorted(late);
         for req in late {
             self.requests.remove(&req);
             self.answer(req, Answer::Unanswered);
@@ -1020,6 +1060,13 @@ impl Relay {
             }
         }
     }
+}
+
+/// `v` in order: what the relay does with the entries of a hash map must not depend on the
+/// map's random iteration order.
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort_unstable();
+    v
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ fn open(r: &mut Relay, now: Instant, session: SessionId, uid: &str, iat: u64) {
 fn send(r: &mut Relay, now: Instant, session: SessionId, id: &str, to: &str) {
     let body: Body = Arc::from(serde_json::value::RawValue::from_string("{}".into()).unwrap());
     let event = ClientEvent::Send {
+        transient: false,
         session,
         id: id.into(),
         to: to.into(),
@@ -411,6 +412,7 @@ fn pushes_answer_their_request() {
     open(&mut r, now, 1, "pat", 0);
     drain(&mut r);
     let msg = |id: &str| Message {
+        transient: false,
         from: Arc::from("$system"),
         id: Arc::from(id),
         to: Arc::from("pat"),

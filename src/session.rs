@@ -478,7 +478,13 @@ async fn handle_text(
         Ok(ClientFrame::Ping) => return Reply::Frame(ServerFrame::Pong),
         Ok(ClientFrame::Refresh { token }) => return refresh(shared, uid, &token),
         Ok(ClientFrame::Ack { seq }) => ClientEvent::Ack { session, seq },
-        Ok(ClientFrame::Send { id, to, body }) => ClientEvent::Send {
+        Ok(ClientFrame::Send {
+            id,
+            to,
+            body,
+            transient,
+        }) => ClientEvent::Send {
+            transient,
             session,
             id,
             to,

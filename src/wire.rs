@@ -94,7 +94,7 @@ impl WireMessage {
     /// Into an engine message; `None` if the body is not JSON. The body is parsed once more
     /// (without allocating) because it came from another process: a node must not hand its
     /// clients what no client could send, even from a peer with a bug.
-    pub fn into_message(self) -> Option<Message> {
+    pub fn into_message(self, transient: bool) -> Option<Message> {
         let body: &RawValue = serde_json::from_str(&self.body).ok()?;
         Some(Message {
             body: Arc::from(body.to_owned()),
@@ -102,6 +102,7 @@ impl WireMessage {
             id: self.id,
             to: self.to,
             ts: self.ts,
+            transient,
         })
     }
 }
@@ -189,6 +190,16 @@ pub enum PeerFrame {
         req: u64,
         /// Sessions closed.
         sessions: u32,
+    },
+    /// `Deliver` of a transient message (no hold, no retry, no dedup memory). A variant of its
+    /// own, added after the others, so that the frames of version 1 keep their bytes.
+    DeliverTransient {
+        /// Sender-chosen tag to match the outcome.
+        tag: u64,
+        /// Times the message was already forwarded.
+        hops: u8,
+        /// The message.
+        msg: WireMessage,
     },
 }
 
@@ -376,13 +387,13 @@ mod tests {
             body: "[1, 2]".into(),
             ts: 3,
         };
-        let m = w.clone().into_message().unwrap();
+        let m = w.clone().into_message(false).unwrap();
         assert_eq!(m.body.get(), "[1, 2]");
         assert_eq!(WireMessage::from_message(&m), w);
         let bad = WireMessage {
             body: "{".into(),
             ..w
         };
-        assert!(bad.into_message().is_none());
+        assert!(bad.into_message(false).is_none());
     }
 }

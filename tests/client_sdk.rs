@@ -247,3 +247,37 @@ async fn the_sdk_surfaces_a_repeated_message_once() {
     assert_eq!(dups, 1);
     server.abort();
 }
+
+/// `send_transient`: delivered to an online user; `offline` at once (no retry, even with
+/// `max_attempts` 10) to a user with no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_sends_are_delivered_or_fail_without_retries() {
+    let c = Cluster::start(2).await;
+    c.wait_converged(2).await;
+    let (alice, _ain, mut aev) = Client::start(config(&c, "alice"));
+    let (_bob, mut bin, mut bev) = Client::start(config(&c, "bob"));
+    connected(&mut aev).await;
+    connected(&mut bev).await;
+    let got = outcome(
+        alice
+            .send_transient("bob", json!({"typing": true}))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got, Ok(SendOutcome::Delivered));
+    assert_eq!(next_incoming(&mut bin).await.body, json!({"typing": true}));
+    let started = tokio::time::Instant::now();
+    let got = outcome(alice.send_transient("nobody-online", json!(1)).unwrap()).await;
+    assert_eq!(
+        got,
+        Ok(SendOutcome::Failed(imgate::protocol::FailReason::Offline))
+    );
+    // A durable send would be retried up to 10 times over the 5 s hold each; this is one try.
+    println!("transient offline outcome after {:?}", started.elapsed());
+    let resent = alice
+        .stats()
+        .resent
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(resent, 0, "nothing was sent again");
+    c.shutdown().await;
+}

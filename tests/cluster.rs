@@ -463,6 +463,7 @@ async fn a_link_that_goes_down_fails_its_forwards() {
 fn wire(from: &str, id: &str, to: &str) -> WireMessage {
     let body = serde_json::value::RawValue::from_string("\"x\"".into()).unwrap();
     WireMessage::from_message(&Message {
+        transient: false,
         from: from.into(),
         id: id.into(),
         to: to.into(),
@@ -612,5 +613,43 @@ async fn a_link_down_keeps_presence_questions_to_other_nodes() {
         .expect("an answer in time")
         .expect("the question to n3 was kept");
     assert_eq!(sessions, Answer::Sessions(0));
+    c.shutdown().await;
+}
+
+/// A transient message crosses nodes as its own peer frame: delivered on the ack, `offline` at
+/// once for a user with no session on its owner, and pushed once; `/api/push` takes the flag too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_messages_cross_nodes_and_are_not_held() {
+    let c = Cluster::start_with(2, |cfg| cfg.delivery.hold_ms = 30_000).await;
+    c.wait_converged(2).await;
+    let a = owned_by(&c, "n1", "a");
+    let b = owned_by(&c, "n2", "b");
+    let away = owned_by(&c, "n2", "away");
+    let mut alice = Client::login(&c.nodes[0].http_url(), &a).await;
+    let mut bob = Client::login(&c.nodes[1].http_url(), &b).await;
+    let send = |id: &str, to: &str| json!({"type": "send", "id": id, "to": to, "body": {"typing": true}, "transient": true});
+    alice.send_frame(send("t1", &b)).await;
+    let m = bob.expect("msg").await;
+    bob.ack(m["seq"].as_u64().unwrap()).await;
+    assert_eq!(alice.expect("delivered").await["id"], "t1");
+    // Held for 30 s if it were durable: transient fails at once.
+    alice.send_frame(send("t2", &away)).await;
+    let f = alice.expect("failed").await;
+    assert_eq!(
+        (f["id"].as_str(), f["reason"].as_str()),
+        (Some("t2"), Some("offline"))
+    );
+    assert_eq!(c.metric(1, "imgate_held").await, 0);
+    let pushed = cluster_support::api_post(
+        &c.nodes[0].http_url(),
+        "/api/push",
+        json!({"to": away, "body": 1, "transient": true}),
+    )
+    .await;
+    assert_eq!(
+        (pushed["status"].as_str(), pushed["reason"].as_str()),
+        (Some("failed"), Some("offline")),
+        "{pushed}"
+    );
     c.shutdown().await;
 }

@@ -483,7 +483,7 @@ fn big_frame() -> BoxedStrategy<String> {
 fn check_client_frame(text: &str, max_body: usize) -> (usize, usize) {
     let (parsed, peak) = peak_during(|| parse_client_frame(text, max_body));
     match parsed {
-        Ok(ClientFrame::Send { id, to, body }) => {
+        Ok(ClientFrame::Send { id, to, body, .. }) => {
             assert!(
                 (1..=MAX_ID_BYTES).contains(&id.len()),
                 "id of {} bytes",
@@ -672,6 +672,8 @@ fn peer_frame() -> BoxedStrategy<PeerFrame> {
         (text(), text()).prop_map(|(node, cluster)| PeerFrame::Hello { node, cluster }),
         (any::<u64>(), any::<u8>(), wire_message())
             .prop_map(|(tag, hops, msg)| PeerFrame::Deliver { tag, hops, msg }),
+        (any::<u64>(), any::<u8>(), wire_message())
+            .prop_map(|(tag, hops, msg)| PeerFrame::DeliverTransient { tag, hops, msg }),
         (any::<u64>(), outcome).prop_map(|(tag, outcome)| PeerFrame::Outcome { tag, outcome }),
         (any::<u64>(), text()).prop_map(|(req, uid)| PeerFrame::PresenceQuery { req, uid }),
         (any::<u64>(), any::<u32>())

@@ -749,3 +749,79 @@ async fn outcome_of_a_gone_sender_is_dropped_quietly() {
     assert_eq!(next_of(&mut alice, "delivered").await["id"], "m2");
     node.shutdown().await;
 }
+
+// ----- transient messages (PROTOCOL.md, "Transient messages") ---------------------------------
+
+/// Online: pushed once, `delivered` on the ack; a repeat of the id is a new message (nothing
+/// remembered); offline: `failed: offline` at once, and a later session gets nothing.
+#[tokio::test]
+async fn transient_messages_are_delivered_or_fail_at_once_and_are_not_remembered() {
+    let node = start(fast_config()).await;
+    let mut alice = connect(&node, "alice").await;
+    let mut bob = connect(&node, "bob").await;
+    let typing = json!({"type": "send", "id": "t1", "to": "bob", "body": {"typing": true},
+                        "transient": true});
+    send_json(&mut alice, &typing).await;
+    let m = next_frame(&mut bob, WAIT).await;
+    assert_eq!((m["id"].as_str(), m["seq"].as_u64()), (Some("t1"), Some(1)));
+    ack(&mut bob, 1).await;
+    assert_eq!(
+        next_frame(&mut alice, WAIT).await,
+        json!({"type": "delivered", "id": "t1", "to": "bob"})
+    );
+    send_json(&mut alice, &typing).await;
+    let again = next_frame(&mut bob, WAIT).await;
+    assert_eq!(
+        again["seq"], 2,
+        "a repeated transient id is a new message: {again}"
+    );
+    ack(&mut bob, 2).await;
+    next_of(&mut alice, "delivered").await;
+
+    let to_carol = json!({"type": "send", "id": "t2", "to": "carol", "body": 1,
+                          "transient": true});
+    send_json(&mut alice, &to_carol).await;
+    assert_eq!(
+        next_frame(&mut alice, WAIT).await,
+        json!({"type": "failed", "id": "t2", "to": "carol", "reason": "offline"})
+    );
+    let mut carol = connect(&node, "carol").await;
+    expect_no_frame(&mut carol, QUIET).await;
+    node.shutdown().await;
+}
+
+/// No ack: the push is not repeated, and the sender learns `failed: timeout` after one ack
+/// timeout (not after the retries a durable message gets).
+#[tokio::test]
+async fn an_unacked_transient_message_is_not_retried() {
+    let node = start(fast_config()).await;
+    let mut alice = connect(&node, "alice").await;
+    let mut bob = connect(&node, "bob").await;
+    let typing = json!({"type": "send", "id": "t1", "to": "bob", "body": 1, "transient": true});
+    send_json(&mut alice, &typing).await;
+    next_of(&mut bob, "msg").await;
+    let failed = next_frame(&mut alice, WAIT).await;
+    assert_eq!(failed["reason"], "timeout", "{failed}");
+    expect_no_frame(&mut bob, QUIET).await;
+    node.shutdown().await;
+}
+
+/// `transient` must be a boolean (`null` counts as absent, as for every optional field):
+/// anything else fails the send `invalid`, and the session stays.
+#[tokio::test]
+async fn a_transient_flag_that_is_not_a_boolean_fails_invalid() {
+    let node = start(fast_config()).await;
+    let mut alice = connect(&node, "alice").await;
+    for flag in [json!("yes"), json!(1), json!([true])] {
+        let send = json!({"type": "send", "id": "t1", "to": "bob", "body": 1, "transient": flag});
+        send_json(&mut alice, &send).await;
+        let f = next_frame(&mut alice, WAIT).await;
+        assert_eq!(
+            (f["type"].as_str(), f["reason"].as_str()),
+            (Some("failed"), Some("invalid")),
+            "{flag}: {f}"
+        );
+    }
+    ping_pong(&mut alice).await;
+    node.shutdown().await;
+}

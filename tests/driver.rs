@@ -112,6 +112,7 @@ async fn a_message_crosses_the_memory_transport_and_its_outcome_returns() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let send = |id: &str| {
         Command::Client(ClientEvent::Send {
+            transient: false,
             session: a,
             id: id.into(),
             to: bob.clone(),
@@ -176,6 +177,7 @@ async fn views_move_sessions_and_requests_are_answered() {
     // A push for bob, who has no session: held at n2, then failed `offline` after the hold.
     let (reply, answer) = oneshot::channel();
     let msg = Message {
+        transient: false,
         from: Arc::from("$system"),
         id: Arc::from("p1"),
         to: Arc::from(bob.as_str()),

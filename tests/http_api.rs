@@ -1019,3 +1019,21 @@ async fn a_node_on_a_network_refuses_shipped_secrets() {
     assert_eq!(node.ws_url(), "ws://chat.example.com:443/ws");
     node.shutdown().await;
 }
+
+/// `/api/push` with `"transient": true` to a user without a session fails `offline` at once
+/// (not after the hold); a `transient` that is not a boolean is 400.
+#[tokio::test]
+async fn transient_push_fails_offline_at_once_and_the_flag_must_be_a_boolean() {
+    let mut cfg = fast_config();
+    cfg.delivery.hold_ms = 60_000;
+    let node = start(cfg).await;
+    let (status, body) = push(&node, &json!({"to": "bob", "body": 1, "transient": true})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["status"].as_str(), body["reason"].as_str()),
+        (Some("failed"), Some("offline"))
+    );
+    let (status, body) = push(&node, &json!({"to": "bob", "body": 1, "transient": "yes"})).await;
+    assert_error(status, &body, 400, "bad_request");
+    node.shutdown().await;
+}

@@ -76,6 +76,21 @@ fn seeds_odd() {
     run_half(1);
 }
 
+/// A run depends on its seed alone: the same seed twice gives the same trace, event for event.
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 17, 224] {
+        let run = || {
+            run_seed(seed, true)
+                .map(|(stats, _)| stats)
+                .map_err(|v| v.what)
+        };
+        let (a, b) = (run(), run());
+        assert!(a.as_ref().is_ok_and(|s| s.trace_hash != 0), "{a:?}");
+        assert_eq!(a, b, "seed {seed} ran two ways");
+    }
+}
+
 /// Replays `IMGATE_SIM_SEED` (does nothing without it) and prints its trace.
 #[test]
 fn replay() {

@@ -244,6 +244,14 @@ impl Client {
             .unwrap();
     }
 
+    /// Sends any frame.
+    pub async fn send_frame(&mut self, f: Value) {
+        self.ws
+            .send(Message::Text(f.to_string().into()))
+            .await
+            .unwrap();
+    }
+
     pub async fn ack(&mut self, seq: u64) {
         let f = json!({"type": "ack", "seq": seq});
         self.ws

@@ -179,7 +179,7 @@ pub struct Violation {
 }
 
 /// Per-run counters, for the report.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Stats {
     pub events: u64,
     pub sends: u64,
@@ -191,6 +191,8 @@ pub struct Stats {
     pub sim_time: T,
     /// Time from the end of the faults until every send had its outcome.
     pub quiet_after: T,
+    /// A hash (FNV-1a) of every trace line, when the trace is on.
+    pub trace_hash: u64,
 }
 
 /// An input for a node, or something for the scheduler itself.
@@ -433,6 +435,10 @@ impl Sim {
         }
         let t = self.now as f64 / S as f64;
         let line = format!("{t:9.4}s {}", line());
+        for b in line.bytes() {
+            self.stats.trace_hash =
+                (self.stats.trace_hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
         self.trace.push_back(line);
     }
 
@@ -579,7 +585,10 @@ impl Sim {
         self.nodes[i].paused_until = None;
         self.nodes[i].backlog.clear();
         // Its clients see the connection drop.
-        let sessions: Vec<(usize, u64)> = self.nodes[i].sessions.drain().map(|(_, v)| v).collect();
+        // Sorted wherever a hash map is walked: a run must depend on its seed alone.
+        let mut sessions: Vec<(usize, u64)> =
+            self.nodes[i].sessions.drain().map(|(_, v)| v).collect();
+        sessions.sort_unstable();
         for (client, conn) in sessions {
             let d = self.client_delay();
             self.at(
@@ -967,6 +976,7 @@ impl Sim {
                 serde_json::value::RawValue::from_string("{\"push\":true}".into()).expect("json"),
             );
             let msg = imgate::engine::Message {
+                transient: false,
                 from: Arc::from(imgate::uid::SYSTEM_SENDER),
                 id: Arc::from(id.as_str()),
                 to: uid,
@@ -1030,11 +1040,12 @@ impl Sim {
                         self.gossip(true);
                     }
                     if d > 3 * S {
-                        let sessions: Vec<(SessionId, (usize, u64))> = self.nodes[n]
+                        let mut sessions: Vec<(SessionId, (usize, u64))> = self.nodes[n]
                             .sessions
                             .iter()
                             .map(|(s, v)| (*s, *v))
                             .collect();
+                        sessions.sort_unstable();
                         for (session, (client, conn)) in sessions {
                             let t = self.now + 3 * S;
                             self.at(
@@ -1192,7 +1203,9 @@ impl Sim {
         );
         let d = self.client_delay();
         let inc = self.nodes[node].inc;
+        let transient = is_transient(&id);
         let event = ClientEvent::Send {
+            transient,
             session,
             id,
             to: self.clients[to].uid.to_string(),
@@ -1235,8 +1248,11 @@ impl Sim {
         match frame {
             ServerFrame::Msg { seq, from, id, .. } => {
                 let key = (from.clone(), id.clone());
+                // A transient message is not remembered: its resend is a new message.
+                let transient = is_transient(&id);
                 if let Some(&first) = self.clients[c].seqs.get(&key)
                     && first != seq
+                    && !transient
                 {
                     self.pending_violation = Some(format!(
                         "{uid} got ({from}, {id}) twice on one session, as seq {first} and {seq}"
@@ -1303,6 +1319,15 @@ impl Sim {
             }
         }
     }
+}
+
+/// Every fifth message of a client is transient (a typing indicator): no hold, no retry, no
+/// dedup memory.
+fn is_transient(id: &str) -> bool {
+    id.rsplit('-')
+        .next()
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|n| n % 5 == 4)
 }
 
 fn short(frame: &PeerFrame) -> String {
@@ -1555,7 +1580,8 @@ pub fn run_plan(
     // All faults end: killed nodes stay dead, but partitions and cuts heal.
     sim.run_until(faults_end)?;
     sim.at(faults_end, Ev::Fault(Fault::Unpartition));
-    let cuts: Vec<(usize, usize)> = sim.cut.iter().copied().collect();
+    let mut cuts: Vec<(usize, usize)> = sim.cut.iter().copied().collect();
+    cuts.sort_unstable();
     for (a, b) in cuts {
         sim.at(faults_end, Ev::Fault(Fault::Heal(a, b)));
     }
