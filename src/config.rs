@@ -112,6 +112,8 @@ pub struct Config {
     pub quic: QuicConfig,
     /// `[tls]`: HTTPS and WSS for clients.
     pub tls: TlsConfig,
+    /// `[webhooks]`: events POSTed to the application's backend.
+    pub webhooks: WebhooksConfig,
     /// `[[nodes]]`: every node of the cluster.
     pub nodes: Vec<NodeConfig>,
 }
@@ -241,6 +243,53 @@ pub struct UserEntry {
 pub struct ApiConfig {
     /// Bearer keys accepted by `/api/*`. Env `IMGATE_API_KEY` replaces them. Default `["dev-api-key"]`.
     pub keys: Vec<String>,
+}
+
+/// `[webhooks]`: events POSTed to the application's backend, signed with `secret`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Where events are POSTed: an `http://` or `https://` URL. Default: none (no webhooks).
+    pub url: Option<String>,
+    /// Key of the `X-Imgate-Signature` HMAC-SHA256; required with `url`. Env
+    /// `IMGATE_WEBHOOK_SECRET` replaces it.
+    pub secret: String,
+    /// Events to send: any of `offline`, `connect`, `disconnect`. Default: all three.
+    pub events: Vec<String>,
+    /// Events waiting to be sent on this node; beyond it they are dropped and counted
+    /// (`imgate_webhook_dropped_total`). Default 10000.
+    pub max_queue: usize,
+    /// Timeout of one POST, in ms. Default 5000.
+    pub timeout_ms: u64,
+    /// POSTs of one event before it is given up (`imgate_webhook_failed_total`), with backoff
+    /// and jitter between them. Default 5.
+    pub max_attempts: u32,
+    /// POSTs in flight at once on this node. Default 16.
+    pub concurrency: usize,
+}
+
+impl WebhooksConfig {
+    /// Every event name.
+    pub const EVENTS: [&'static str; 3] = ["offline", "connect", "disconnect"];
+
+    /// Whether `event` is to be sent.
+    pub fn wants(&self, event: &str) -> bool {
+        self.url.is_some() && self.events.iter().any(|e| e == event)
+    }
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            url: None,
+            secret: String::new(),
+            events: WebhooksConfig::EVENTS.map(String::from).to_vec(),
+            max_queue: 10_000,
+            timeout_ms: 5000,
+            max_attempts: 5,
+            concurrency: 16,
+        }
+    }
 }
 
 /// `[delivery]`
@@ -614,7 +663,8 @@ impl Config {
         })
     }
 
-    /// Applies `IMGATE_JWT_SECRET`, `IMGATE_API_KEY` and `IMGATE_CLUSTER_SECRET` from `get`
+    /// Applies `IMGATE_JWT_SECRET`, `IMGATE_API_KEY`, `IMGATE_CLUSTER_SECRET` and
+    /// `IMGATE_WEBHOOK_SECRET` from `get`
     /// (the process env in `load`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(secret) = get("IMGATE_JWT_SECRET").filter(|s| !s.is_empty()) {
@@ -625,6 +675,9 @@ impl Config {
         }
         if let Some(secret) = get("IMGATE_CLUSTER_SECRET").filter(|s| !s.is_empty()) {
             self.cluster.secret = secret;
+        }
+        if let Some(secret) = get("IMGATE_WEBHOOK_SECRET").filter(|s| !s.is_empty()) {
+            self.webhooks.secret = secret;
         }
     }
 
@@ -696,11 +749,50 @@ impl Config {
         Ok(())
     }
 
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let w = &self.webhooks;
+        for e in &w.events {
+            if !WebhooksConfig::EVENTS.contains(&e.as_str()) {
+                return Err(invalid(
+                    "webhooks.events",
+                    format!("unknown event {e:?}: the events are offline, connect, disconnect"),
+                ));
+            }
+        }
+        for (key, v) in [
+            ("webhooks.max_queue", w.max_queue as u64),
+            ("webhooks.timeout_ms", w.timeout_ms),
+            ("webhooks.max_attempts", u64::from(w.max_attempts)),
+            ("webhooks.concurrency", w.concurrency as u64),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        let Some(url) = &w.url else { return Ok(()) };
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| invalid("webhooks.url", format!("{url:?} is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(invalid(
+                "webhooks.url",
+                format!("{url:?} must be an http:// or https:// URL with a host"),
+            ));
+        }
+        if w.secret.is_empty() {
+            return Err(invalid(
+                "webhooks.secret",
+                "must be set with webhooks.url (env IMGATE_WEBHOOK_SECRET)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks values that parse but cannot work.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_webhooks()?;
         if self.cluster.id.trim().is_empty() {
             return Err(invalid("cluster.id", "must not be empty"));
         }
@@ -1111,6 +1203,7 @@ impl EngineConfig {
             sends_per_second: l.sends_per_second,
             max_unacked_per_session: l.max_unacked_per_session,
             max_sessions_per_user: l.max_sessions_per_user,
+            report_offline: false,
         }
     }
 }
@@ -1218,6 +1311,40 @@ quic = "127.0.0.1:7101"
         });
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("auth.users[0].password_hash"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_are_checked() {
+        let ok = |f: &dyn Fn(&mut Config)| {
+            let mut c = Config::for_test();
+            f(&mut c);
+            c.validate()
+        };
+        let key_of = |r: Result<(), ConfigError>| match r {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert!(ok(&|_| {}).is_ok(), "no url: no webhooks, valid");
+        let with = |url: &str| {
+            let url = url.to_string();
+            move |c: &mut Config| {
+                c.webhooks.url = Some(url.clone());
+                c.webhooks.secret = "s".into();
+            }
+        };
+        assert!(ok(&with("https://backend.example/imgate")).is_ok());
+        for bad in ["ftp://backend/x", "not a url", "http://", "unix:/tmp/sock"] {
+            assert_eq!(key_of(ok(&with(bad))), "webhooks.url", "{bad}");
+        }
+        let no_secret = |c: &mut Config| c.webhooks.url = Some("http://b/x".into());
+        assert_eq!(key_of(ok(&no_secret)), "webhooks.secret");
+        let unknown = |c: &mut Config| c.webhooks.events = vec!["typing".into()];
+        assert_eq!(key_of(ok(&unknown)), "webhooks.events");
+        let zero = |c: &mut Config| c.webhooks.max_queue = 0;
+        assert_eq!(key_of(ok(&zero)), "webhooks.max_queue");
+        let mut c = Config::for_test();
+        c.apply_env(|k| (k == "IMGATE_WEBHOOK_SECRET").then(|| "from-env".to_string()));
+        assert_eq!(c.webhooks.secret, "from-env");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::relay::{Answer, ClientEvent, LinkEvent, Output, Relay, RequestId};
 use crate::state::Command;
 use crate::transport::Transport;
 use crate::view::View;
+use crate::webhooks::{Event, Webhooks};
 
 /// Most inputs of one kind handled before the outputs are carried out.
 const BATCH: usize = 256;
@@ -44,6 +45,7 @@ pub struct Driver<T> {
     relay: Relay,
     transport: T,
     kicks: Arc<Kicks>,
+    webhooks: Option<Arc<Webhooks>>,
     outboxes: HashMap<SessionId, Outbox>,
     replies: HashMap<RequestId, oneshot::Sender<Answer>>,
 }
@@ -55,9 +57,16 @@ impl<T: Transport> Driver<T> {
             relay,
             transport,
             kicks,
+            webhooks: None,
             outboxes: HashMap::new(),
             replies: HashMap::new(),
         }
+    }
+
+    /// Sends the `offline` events to `webhooks`.
+    pub fn with_webhooks(mut self, webhooks: Option<Arc<Webhooks>>) -> Driver<T> {
+        self.webhooks = webhooks;
+        self
     }
 
     /// Pumps until shutdown or until the commands channel closes.
@@ -172,6 +181,11 @@ impl<T: Transport> Driver<T> {
                 Output::Answer { req, answer } => {
                     if let Some(reply) = self.replies.remove(&req) {
                         let _ = reply.send(answer);
+                    }
+                }
+                Output::Offline(msg) => {
+                    if let Some(w) = &self.webhooks {
+                        w.emit(Event::Offline(msg), crate::clock::now_ms());
                     }
                 }
                 Output::Kicked { uid, at } => {

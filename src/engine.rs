@@ -59,6 +59,9 @@ pub struct EngineConfig {
     pub max_unacked_per_session: usize,
     /// Sessions per user; the oldest is closed beyond it.
     pub max_sessions_per_user: usize,
+    /// Keep the messages that end `failed: offline` (not transient ones) for
+    /// [`Engine::take_offline`]: the `offline` webhook.
+    pub report_offline: bool,
 }
 
 /// A message in delivery.
@@ -252,6 +255,9 @@ pub struct Engine {
     /// Sessions found over their un-acked bound, closed once the current input is done (closing
     /// in the middle of a fan-out would re-place the message onto sessions it is about to reach).
     slow: Vec<SessionId>,
+    /// Messages that ended `failed: offline` since the last [`Engine::take_offline`] (only with
+    /// `report_offline`).
+    offline: Vec<Message>,
 }
 
 /// Most waiters on one delivery (repeated sends of an id in flight).
@@ -277,6 +283,7 @@ impl Engine {
             held_count: 0,
             delivery_bytes: 0,
             slow: Vec::new(),
+            offline: Vec::new(),
         }
     }
 
@@ -706,6 +713,12 @@ impl Engine {
         self.delivery_bytes
     }
 
+    /// The messages that ended `failed: offline` since the last call (with `report_offline`;
+    /// transient ones are not kept). The caller takes them after every input.
+    pub fn take_offline(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.offline)
+    }
+
     /// Remembered `(from, id)` entries.
     pub fn dedup_len(&self) -> usize {
         self.dedup.len()
@@ -902,6 +915,12 @@ impl Engine {
                 self.metrics.failed(reason);
                 self.dedup.remove(&key);
             }
+        }
+        if self.cfg.report_offline
+            && outcome == Outcome::Failed(FailReason::Offline)
+            && !d.msg.transient
+        {
+            self.offline.push(d.msg.clone());
         }
         for waiter in d.waiters {
             self.report(waiter, &d.msg, outcome, out);

@@ -21,6 +21,7 @@ fn test_cfg() -> EngineConfig {
         sends_per_second: 1000,
         max_unacked_per_session: 1000,
         max_sessions_per_user: 16,
+        report_offline: true,
     }
 }
 
@@ -828,4 +829,35 @@ fn a_repeated_transient_id_is_a_new_message() {
         h.deliver("alice", "m1", "bob", Waiter::Api(10)),
         ["report Api(10) m1 Delivered"]
     );
+}
+
+// ----- the offline webhook's source ------------------------------------------------------------
+
+#[test]
+fn messages_that_end_offline_are_kept_for_the_webhook_once() {
+    let mut h = Harness::new();
+    h.open(1, "alice");
+    h.send(1, "m1", "bob");
+    h.send_transient(1, "t1", "bob");
+    assert!(
+        h.engine.take_offline().is_empty(),
+        "m1 is held, t1 not kept"
+    );
+    assert_eq!(h.advance(5000), ["s1 failed m1 offline"]);
+    let offline: Vec<String> = h
+        .engine
+        .take_offline()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    assert_eq!(offline, ["m1"]);
+    assert!(h.engine.take_offline().is_empty(), "taken once");
+    // Without the webhook nothing is kept.
+    let mut cfg = test_cfg();
+    cfg.report_offline = false;
+    let mut h = Harness::with(cfg);
+    h.open(1, "alice");
+    h.send(1, "m2", "bob");
+    h.advance(5000);
+    assert!(h.engine.take_offline().is_empty());
 }

@@ -55,6 +55,7 @@ pub mod transport;
 pub mod uid;
 pub mod up;
 pub mod view;
+pub mod webhooks;
 pub mod wire;
 
 /// Resolves with the reason once `failure` holds one; never, if its sender is dropped first

@@ -88,6 +88,14 @@ pub struct Metrics {
     pub forwards: Gauge,
     /// HTTP API requests (push, presence, kick) waiting for an answer.
     pub pending_requests: Gauge,
+    /// Webhook events the backend answered 2xx.
+    pub webhook_sent: Counter,
+    /// Webhook events dropped: the queue was full, or the event too large to post.
+    pub webhook_dropped: Counter,
+    /// Webhook events given up after `webhooks.max_attempts` POSTs.
+    pub webhook_failed: Counter,
+    /// Webhook events waiting or being posted.
+    pub webhook_queue: Gauge,
     /// `users`-mode logins refused with 503 `busy` (the password-check queue was full).
     pub logins_busy: Counter,
     /// Seconds from taking a message to its first ack.
@@ -253,6 +261,26 @@ impl Metrics {
             "pending_requests",
             "HTTP API requests waiting for an answer",
         );
+        let webhook_sent = counter(
+            &mut registry,
+            "webhook_sent",
+            "Webhook events the backend answered with 2xx",
+        );
+        let webhook_dropped = counter(
+            &mut registry,
+            "webhook_dropped",
+            "Webhook events dropped (queue full, or too large to post)",
+        );
+        let webhook_failed = counter(
+            &mut registry,
+            "webhook_failed",
+            "Webhook events given up after webhooks.max_attempts POSTs",
+        );
+        let webhook_queue = gauge(
+            &mut registry,
+            "webhook_queue",
+            "Webhook events waiting or being posted",
+        );
         let logins_busy = counter(
             &mut registry,
             "logins_busy",
@@ -300,6 +328,10 @@ impl Metrics {
             peer_queue_bytes,
             forwards,
             pending_requests,
+            webhook_sent,
+            webhook_dropped,
+            webhook_failed,
+            webhook_queue,
             logins_busy,
             delivery_latency,
             forward_latency,

@@ -53,6 +53,9 @@ pub enum NodeError {
     /// The client TLS certificate or key cannot be used.
     #[error("client TLS: {0}")]
     Tls(#[from] crate::client_tls::TlsError),
+    /// The webhook sender cannot start.
+    #[error("webhooks: {0}")]
+    Webhooks(String),
 }
 
 /// A running node.
@@ -154,7 +157,17 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
         .await
         .map_err(|e| NodeError::Gossip(format!("{e:#}")))?;
     let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let webhooks = crate::webhooks::Webhooks::start(
+        &cfg.webhooks,
+        node_id.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        &tracker,
+    )
+    .map_err(NodeError::Webhooks)?;
     let shared = Arc::new(Shared {
+        webhooks: webhooks.clone(),
         tokens: TokenKeys::new(
             &cfg.auth.jwt_secret,
             &cfg.auth.issuer,
@@ -203,13 +216,12 @@ pub async fn start(cfg: Config, node_id: &str) -> Result<NodeHandle, NodeError> 
             let _ = failed_tx.send(Some(why));
         });
     }
-    let tracker = TaskTracker::new();
     let relay = Relay::new(
         RelayConfig::from_config(&shared.cfg),
         node_id.clone(),
         metrics,
     );
-    let driver = Driver::new(relay, shared.links.clone(), kicks.clone());
+    let driver = Driver::new(relay, shared.links.clone(), kicks.clone()).with_webhooks(webhooks);
     tracker.spawn(driver.run(Inputs {
         commands: engine_rx,
         links: link_rx,

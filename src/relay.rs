@@ -170,6 +170,9 @@ pub enum Output {
         /// Its answer.
         answer: Answer,
     },
+    /// A message ended `failed: offline` here, on its recipient's owner: the `offline`
+    /// webhook (only with `EngineConfig::report_offline`).
+    Offline(Message),
     /// A peer reported a kick: record it in the node's kick table (it also refuses the
     /// revoked tokens at login and refresh).
     Kicked {
@@ -209,8 +212,10 @@ pub struct RelayConfig {
 impl RelayConfig {
     /// From the configuration.
     pub fn from_config(cfg: &crate::config::Config) -> RelayConfig {
+        let mut engine = EngineConfig::from_config(&cfg.delivery, &cfg.limits);
+        engine.report_offline = cfg.webhooks.wants("offline");
         RelayConfig {
-            engine: EngineConfig::from_config(&cfg.delivery, &cfg.limits),
+            engine,
             max_body_bytes: cfg.limits.max_body_bytes,
             max_forwards: cfg.limits.max_forwards,
             max_requests: cfg.limits.max_pending_requests,
@@ -1012,6 +1017,9 @@ impl Relay {
                     }
                 }
             }
+        }
+        for msg in self.engine.take_offline() {
+            self.out.push_back(Output::Offline(msg));
         }
         self.metrics.forwards.set(self.forwards.len() as i64);
         self.metrics

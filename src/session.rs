@@ -32,6 +32,7 @@ use crate::outbox::{FrameQueue, Outbox};
 use crate::protocol::{ClientFrame, FrameError, ServerFrame, parse_client_frame};
 use crate::relay::{ClientEvent, SessionEnd};
 use crate::state::{Command, Shared};
+use crate::webhooks::Event;
 
 /// Close code: idle timeout.
 pub const CLOSE_IDLE: u16 = 4000;
@@ -196,7 +197,15 @@ pub async fn run(shared: Arc<Shared>, socket: WebSocket, claims: Claims) {
     let (iat, exp) = (claims.iat, claims.exp);
     drop(claims);
     shared.metrics.sessions.inc();
-    let result = serve(&shared, socket, session, uid.clone(), iat, exp).await;
+    let mut live = false;
+    let result = serve(&shared, socket, session, uid.clone(), iat, exp, &mut live).await;
+    if live && let Some(w) = &shared.webhooks {
+        let disconnect = Event::Disconnect {
+            uid: uid.clone(),
+            session,
+        };
+        w.emit(disconnect, now_ms());
+    }
     let _ = shared
         .engine
         .send(Command::Client(ClientEvent::Close { session }))
@@ -213,6 +222,7 @@ async fn serve(
     uid: Arc<str>,
     iat: u64,
     exp: u64,
+    live: &mut bool,
 ) -> &'static str {
     let deadline = Duration::from_millis(shared.cfg.websocket.write_timeout_ms);
     let (mut sink, mut stream) = socket.split();
@@ -241,6 +251,14 @@ async fn serve(
     };
     if shared.engine.send(open).await.is_err() {
         return "node stopping";
+    }
+    *live = true;
+    if let Some(w) = &shared.webhooks {
+        let connect = Event::Connect {
+            uid: uid.clone(),
+            session,
+        };
+        w.emit(connect, now_ms());
     }
     let limits = &shared.cfg.limits;
     let ping_every = Duration::from_millis(shared.cfg.websocket.ping_interval_ms);

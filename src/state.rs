@@ -101,6 +101,8 @@ pub struct Shared {
     pub password_checks: Semaphore,
     /// `users`-mode logins waiting for or running a password check, for `auth.login_queue`.
     pub login_waiters: AtomicUsize,
+    /// The webhook sender, when `[webhooks]` names a URL.
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Kicks: tokens revoked cluster-wide.
     pub kicks: Arc<crate::kicks::Kicks>,
     /// In `users` mode, the hash checked for unknown uids (built at start, with the

@@ -760,7 +760,8 @@ impl Sim {
                         Some(None) => {}
                     }
                 }
-                Output::Kicked { .. } => {}
+                // Kick tables and webhooks are outside the core; the simulation has neither.
+                Output::Kicked { .. } | Output::Offline(_) => {}
             }
         }
         self.arm_timer(n);
