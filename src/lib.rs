@@ -27,6 +27,7 @@
 //! - [`session`]: one WebSocket session.
 //! - [`client`]: the client SDK (reconnect, resend, dedup, auto-ack).
 //! - [`up`]: `imgate up`, every node of a file as a child process.
+//! - [`webhooks`]: signed events POSTed to the application's backend, off the delivery path.
 
 pub mod auth;
 pub mod client;

@@ -291,3 +291,17 @@ async fn run(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signature matches Python's `hmac.new(b"s", body, hashlib.sha256).hexdigest()`.
+    #[test]
+    fn the_signature_is_the_hex_hmac_sha256_of_the_body() {
+        assert_eq!(
+            signature("s", br#"{"event":"connect"}"#),
+            "sha256=e013ff21b3b8776d793c6d381c11cab13ea58882277b2744686fb9235e6f44cd"
+        );
+    }
+}
