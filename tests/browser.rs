@@ -1,0 +1,250 @@
+//! The chat page in real headless Chromium, driven over the DevTools protocol: two pages log in
+//! at an in-process node, one types, the other shows "… is typing…" (a transient message), then
+//! gets the message itself and the indicator goes.
+//!
+//! Needs `chromium` on the PATH (`.ci/run` installs Debian's); without it the test says so and
+//! passes as skipped. The DevTools client is the few calls the test needs, over the WebSocket
+//! crate imgate already uses.
+
+mod cluster_support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cluster_support::Cluster;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A headless Chromium with its own profile directory; killed on drop.
+struct Browser {
+    child: Child,
+    profile: PathBuf,
+    devtools: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|name| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join(name))
+                    .find(|p| p.is_file())
+            })
+        })
+}
+
+impl Browser {
+    async fn launch(exe: &PathBuf) -> Browser {
+        let profile = std::env::temp_dir().join(format!(
+            "imgate-browser-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&profile).unwrap();
+        let child = Command::new(exe)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                "about:blank",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium starts");
+        // Chromium writes the port it picked, and the browser target's path, to this file.
+        let file = profile.join("DevToolsActivePort");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let text = loop {
+            if let Ok(t) = std::fs::read_to_string(&file)
+                && t.lines().count() >= 2
+            {
+                break t;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no DevToolsActivePort"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut lines = text.lines();
+        let (port, path) = (lines.next().unwrap(), lines.next().unwrap());
+        let (devtools, _) =
+            tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}{path}"))
+                .await
+                .expect("DevTools WebSocket");
+        Browser {
+            child,
+            profile,
+            devtools,
+            next_id: 1,
+        }
+    }
+
+    /// One DevTools call; events in between are skipped.
+    async fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        self.devtools
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .unwrap();
+        loop {
+            let m = tokio::time::timeout(WAIT, self.devtools.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .expect("DevTools open")
+                .unwrap();
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Opens `url` in a new page; returns the page's session.
+    async fn open(&mut self, url: &str) -> String {
+        let target = self
+            .call(None, "Target.createTarget", json!({"url": url}))
+            .await;
+        let attached = self
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target["targetId"], "flatten": true}),
+            )
+            .await;
+        attached["sessionId"].as_str().unwrap().to_string()
+    }
+
+    /// Evaluates `js` in a page; returns its value.
+    async fn eval(&mut self, page: &str, js: &str) -> Value {
+        let r = self
+            .call(
+                Some(page),
+                "Runtime.evaluate",
+                json!({"expression": js, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await;
+        assert!(r.get("exceptionDetails").is_none(), "{js}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `js` evaluates to true in `page`.
+    async fn wait_for(&mut self, page: &str, js: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.eval(page, js).await == json!(true) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never true: {js}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Logs `uid` in on `page` and waits for the session.
+async fn login(b: &mut Browser, page: &str, uid: &str) {
+    b.wait_for(
+        page,
+        "document.readyState === 'complete' && !!document.getElementById('login')",
+    )
+    .await;
+    b.eval(
+        page,
+        &format!("document.getElementById('uid').value = '{uid}'; document.getElementById('login').click(); true"),
+    )
+    .await;
+    b.wait_for(
+        page,
+        &format!("document.getElementById('status').textContent.startsWith('connected as {uid}')"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_shows_who_is_typing() {
+    let Some(exe) = chromium() else {
+        println!("skipped: no chromium on the PATH (.ci/run installs it)");
+        return;
+    };
+    let c = Cluster::start(1).await;
+    c.wait_converged(1).await;
+    let url = format!("{}/", c.nodes[0].http_url());
+    let mut b = Browser::launch(&exe).await;
+    let alice = b.open(&url).await;
+    let bob = b.open(&url).await;
+    login(&mut b, &alice, "alice").await;
+    login(&mut b, &bob, "bob").await;
+    // alice types to bob: one keystroke's `input` event.
+    b.eval(
+        &alice,
+        "document.getElementById('to').value = 'bob';
+         const t = document.getElementById('text');
+         t.value = 'h'; t.dispatchEvent(new Event('input')); true",
+    )
+    .await;
+    b.wait_for(
+        &bob,
+        "document.getElementById('typing').textContent === 'alice is typing…'",
+    )
+    .await;
+    assert_eq!(
+        b.eval(&bob, "document.querySelectorAll('#log li.incoming').length")
+            .await,
+        json!(0),
+        "the typing signal is not a message"
+    );
+    // The message itself: shown, and the indicator goes at once.
+    b.eval(
+        &alice,
+        "document.getElementById('text').value = 'hello bob';
+         document.getElementById('send').click(); true",
+    )
+    .await;
+    b.wait_for(
+        &bob,
+        "[...document.querySelectorAll('#log li.incoming .body')].some(e => e.textContent === 'hello bob')",
+    )
+    .await;
+    assert_eq!(
+        b.eval(&bob, "document.getElementById('typing').textContent")
+            .await,
+        json!("")
+    );
+    b.wait_for(
+        &alice,
+        "[...document.querySelectorAll('#log li .status')].some(e => e.textContent.includes('delivered'))",
+    )
+    .await;
+    drop(b);
+    c.shutdown().await;
+}
