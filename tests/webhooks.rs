@@ -300,3 +300,56 @@ async fn one_offline_event_per_message_across_a_cluster() {
     );
     c.shutdown().await;
 }
+
+/// A backend that refuses an event (413), closes the connection, or answers after the
+/// timeout: the event is given up and counted, after one POST for the refusal and
+/// `max_attempts` for the others; the node goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_closed_connections_and_slow_answers_are_given_up() {
+    for mode in ["refuse", "close", "slow"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let posts = Arc::new(AtomicUsize::new(0));
+        let seen = posts.clone();
+        let counted = posts.clone();
+        tokio::spawn(async move {
+            let app = axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move || {
+                    let seen = seen.clone();
+                    async move {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        if mode == "slow" {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        StatusCode::PAYLOAD_TOO_LARGE
+                    }
+                }),
+            );
+            if mode == "close" {
+                // Accept, count, and hang up without a word.
+                while let Ok((s, _)) = listener.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    drop(s);
+                }
+            } else {
+                let _ = axum::serve(listener, app).await;
+            }
+        });
+        let c = Cluster::start_with(1, |cfg| {
+            with_webhooks(cfg, &url);
+            cfg.webhooks.events = vec!["connect".into()];
+            cfg.webhooks.max_attempts = 3;
+            cfg.webhooks.timeout_ms = 200;
+        })
+        .await;
+        c.wait_converged(1).await;
+        let _alice = Client::login(&c.nodes[0].http_url(), "alice").await;
+        let metrics = &c.nodes[0].shared().metrics;
+        cluster_support::wait_until(WAIT, || metrics.webhook_failed.get() == 1).await;
+        let want = if mode == "refuse" { 1 } else { 3 };
+        assert_eq!(posts.load(Ordering::SeqCst), want, "{mode}: POSTs");
+        assert_eq!(metrics.webhook_sent.get(), 0, "{mode}");
+        c.shutdown().await;
+    }
+}
