@@ -158,6 +158,27 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
+    /// Saves a PNG of `page` as `<CARGO_TARGET_TMPDIR>/screenshots/<name>.png` for a person to
+    /// look at; returns its path.
+    async fn screenshot(&mut self, page: &str, name: &str) -> PathBuf {
+        use base64::Engine as _;
+        let shot = self
+            .call(
+                Some(page),
+                "Page.captureScreenshot",
+                json!({"format": "png"}),
+            )
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap())
+            .unwrap();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+
     /// Waits until `js` evaluates to true in `page`.
     async fn wait_for(&mut self, page: &str, js: &str) {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -245,6 +266,86 @@ async fn the_chat_page_shows_who_is_typing() {
         "[...document.querySelectorAll('#log li .status')].some(e => e.textContent.includes('delivered'))",
     )
     .await;
+    drop(b);
+    c.shutdown().await;
+}
+
+/// On a 375 px phone screen every message stays readable (its text gets most of the width),
+/// and a body that looks like HTML is shown as text, never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_is_readable_on_a_phone_and_shows_markup_as_text() {
+    let Some(exe) = chromium() else {
+        println!("skipped: no chromium on the PATH (.ci/run installs it)");
+        return;
+    };
+    let c = Cluster::start(1).await;
+    c.wait_converged(1).await;
+    let url = format!("{}/", c.nodes[0].http_url());
+    let mut b = Browser::launch(&exe).await;
+    let alice = b.open(&url).await;
+    let bob = b.open(&url).await;
+    for page in [&alice, &bob] {
+        let phone = json!({"width": 375, "height": 740, "deviceScaleFactor": 2, "mobile": true});
+        b.call(Some(page), "Emulation.setDeviceMetricsOverride", phone)
+            .await;
+    }
+    login(&mut b, &alice, "alice").await;
+    login(&mut b, &bob, "bob").await;
+    let evil = r#"<img src=x onerror=\"window.__xss = 1\"> and a long sentence that has to wrap on a phone"#;
+    b.eval(
+        &alice,
+        &format!(
+            "document.getElementById('to').value = 'bob';
+             document.getElementById('text').value = \"{evil}\";
+             document.getElementById('send').click(); true"
+        ),
+    )
+    .await;
+    b.wait_for(
+        &bob,
+        "document.querySelectorAll('#log li.incoming .body').length === 1",
+    )
+    .await;
+    let shown = b
+        .eval(
+            &bob,
+            "document.querySelector('#log li.incoming .body').textContent",
+        )
+        .await;
+    assert!(shown.as_str().unwrap().starts_with("<img src=x"), "{shown}");
+    assert_eq!(
+        b.eval(&bob, "typeof window.__xss").await,
+        json!("undefined")
+    );
+    assert_eq!(
+        b.eval(&bob, "document.querySelectorAll('#log img').length")
+            .await,
+        json!(0)
+    );
+    for page in [&alice, &bob] {
+        let narrowest = b
+            .eval(
+                page,
+                "Math.min(...[...document.querySelectorAll('#log li .body')]
+                   .map(e => e.getBoundingClientRect().width))",
+            )
+            .await;
+        let width = narrowest.as_f64().unwrap();
+        assert!(
+            width >= 250.0,
+            "a message body is {width} px wide on a 375 px screen"
+        );
+        let overflow = b
+            .eval(
+                page,
+                "document.documentElement.scrollWidth > window.innerWidth",
+            )
+            .await;
+        assert_eq!(overflow, json!(false), "the page scrolls sideways");
+    }
+    for (page, name) in [(&alice, "phone-alice"), (&bob, "phone-bob")] {
+        println!("screenshot: {}", b.screenshot(page, name).await.display());
+    }
     drop(b);
     c.shutdown().await;
 }
