@@ -349,3 +349,45 @@ async fn the_chat_page_is_readable_on_a_phone_and_shows_markup_as_text() {
     drop(b);
     c.shutdown().await;
 }
+
+/// The node that served the page goes away: a new login (the Reconnect button) finds another
+/// node from the page's list of members, and a later message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_logs_in_through_another_node_when_its_own_is_gone() {
+    let Some(exe) = chromium() else {
+        println!("skipped: no chromium on the PATH (.ci/run installs it)");
+        return;
+    };
+    let mut c = Cluster::start(2).await;
+    c.wait_converged(2).await;
+    let owner_of = |c: &Cluster, uid: &str| c.nodes[1].shared().owner_of(uid).unwrap().node;
+    // alice and bob both live on n2; the page comes from n1.
+    let alice = cluster_support::first_uid("alice", |u| &*owner_of(&c, u) == "n2");
+    let bob = cluster_support::first_uid("bob", |u| &*owner_of(&c, u) == "n2");
+    let url = format!("{}/", c.nodes[0].http_url());
+    let mut b = Browser::launch(&exe).await;
+    let page = b.open(&url).await;
+    login(&mut b, &page, &alice).await;
+    let n1 = c.nodes.remove(0);
+    n1.shutdown().await;
+    b.eval(&page, "document.getElementById('reconnect').click(); true")
+        .await;
+    b.wait_for(
+        &page,
+        &format!(
+            "document.getElementById('status').textContent.startsWith('connected as {alice} @ n2')"
+        ),
+    )
+    .await;
+    let mut bobc = cluster_support::Client::login(&c.nodes[0].http_url(), &bob).await;
+    bobc.send("after", &alice, json!({"text": "still here?"}))
+        .await;
+    b.wait_for(
+        &page,
+        "[...document.querySelectorAll('#log li.incoming .body')].some(e => e.textContent === 'still here?')",
+    )
+    .await;
+    assert_eq!(bobc.expect("delivered").await["id"], "after");
+    drop(b);
+    c.shutdown().await;
+}
