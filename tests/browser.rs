@@ -391,3 +391,55 @@ async fn the_page_logs_in_through_another_node_when_its_own_is_gone() {
     drop(b);
     c.shutdown().await;
 }
+
+/// A message waiting for its ack when the page's connection drops is sent again, with the same
+/// id, once the page is back; the node answers the repeat with the first one's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_flight_during_a_drop_is_resent_and_ends_delivered() {
+    let Some(exe) = chromium() else {
+        println!("skipped: no chromium on the PATH (.ci/run installs it)");
+        return;
+    };
+    // No retry push while the test holds the ack back: any second `msg` would be a duplicate.
+    let c = Cluster::start_with(1, |cfg| cfg.delivery.ack_timeout_ms = 30_000).await;
+    c.wait_converged(1).await;
+    let http = c.nodes[0].http_url();
+    let mut b = Browser::launch(&exe).await;
+    let page = b.open(&format!("{http}/")).await;
+    login(&mut b, &page, "alice").await;
+    let mut bob = cluster_support::Client::login(&http, "bob").await;
+    b.eval(
+        &page,
+        "document.getElementById('to').value = 'bob';
+         document.getElementById('text').value = 'across the drop';
+         document.getElementById('send').click(); true",
+    )
+    .await;
+    let m = bob.expect("msg").await;
+    // Not acked yet: the page's connection drops, and the page logs in again by itself.
+    b.eval(&page, "ws.close(4000); true").await;
+    b.wait_for(
+        &page,
+        "document.getElementById('status').textContent.startsWith('disconnected')",
+    )
+    .await;
+    b.wait_for(
+        &page,
+        "document.getElementById('status').textContent.startsWith('connected as alice')",
+    )
+    .await;
+    b.wait_for(
+        &page,
+        "[...document.querySelectorAll('#log li .status')].some(e => e.textContent === 'resent')",
+    )
+    .await;
+    bob.ack(m["seq"].as_u64().unwrap()).await;
+    b.wait_for(
+        &page,
+        "[...document.querySelectorAll('#log li .status')].some(e => e.textContent.includes('delivered'))",
+    )
+    .await;
+    bob.expect_nothing(Duration::from_millis(300)).await;
+    drop(b);
+    c.shutdown().await;
+}
