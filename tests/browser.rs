@@ -211,16 +211,25 @@ async fn login(b: &mut Browser, page: &str, uid: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_chat_page_shows_who_is_typing() {
+/// Chromium and a one-node cluster; `None` (the test is skipped, saying why) without chromium.
+async fn one_node_and_a_browser(
+    tweak: impl FnOnce(&mut imgate::config::Config),
+) -> Option<(Cluster, Browser)> {
     let Some(exe) = chromium() else {
         println!("skipped: no chromium on the PATH (.ci/run installs it)");
+        return None;
+    };
+    let c = Cluster::start_with(1, tweak).await;
+    c.wait_converged(1).await;
+    Some((c, Browser::launch(&exe).await))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_shows_who_is_typing() {
+    let Some((c, mut b)) = one_node_and_a_browser(|_| {}).await else {
         return;
     };
-    let c = Cluster::start(1).await;
-    c.wait_converged(1).await;
     let url = format!("{}/", c.nodes[0].http_url());
-    let mut b = Browser::launch(&exe).await;
     let alice = b.open(&url).await;
     let bob = b.open(&url).await;
     login(&mut b, &alice, "alice").await;
@@ -274,14 +283,10 @@ async fn the_chat_page_shows_who_is_typing() {
 /// and a body that looks like HTML is shown as text, never run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_page_is_readable_on_a_phone_and_shows_markup_as_text() {
-    let Some(exe) = chromium() else {
-        println!("skipped: no chromium on the PATH (.ci/run installs it)");
+    let Some((c, mut b)) = one_node_and_a_browser(|_| {}).await else {
         return;
     };
-    let c = Cluster::start(1).await;
-    c.wait_converged(1).await;
     let url = format!("{}/", c.nodes[0].http_url());
-    let mut b = Browser::launch(&exe).await;
     let alice = b.open(&url).await;
     let bob = b.open(&url).await;
     for page in [&alice, &bob] {
@@ -396,15 +401,12 @@ async fn the_page_logs_in_through_another_node_when_its_own_is_gone() {
 /// id, once the page is back; the node answers the repeat with the first one's outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_in_flight_during_a_drop_is_resent_and_ends_delivered() {
-    let Some(exe) = chromium() else {
-        println!("skipped: no chromium on the PATH (.ci/run installs it)");
+    // No retry push while the test holds the ack back: any second `msg` would be a duplicate.
+    let tweak = |cfg: &mut imgate::config::Config| cfg.delivery.ack_timeout_ms = 30_000;
+    let Some((c, mut b)) = one_node_and_a_browser(tweak).await else {
         return;
     };
-    // No retry push while the test holds the ack back: any second `msg` would be a duplicate.
-    let c = Cluster::start_with(1, |cfg| cfg.delivery.ack_timeout_ms = 30_000).await;
-    c.wait_converged(1).await;
     let http = c.nodes[0].http_url();
-    let mut b = Browser::launch(&exe).await;
     let page = b.open(&format!("{http}/")).await;
     login(&mut b, &page, "alice").await;
     let mut bob = cluster_support::Client::login(&http, "bob").await;
