@@ -445,3 +445,38 @@ async fn a_message_in_flight_during_a_drop_is_resent_and_ends_delivered() {
     drop(b);
     c.shutdown().await;
 }
+
+/// A send still waiting for its outcome is not resent under another user after a login as
+/// someone else: it ends "unknown" on the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_as_another_user_does_not_resend_the_first_users_sends() {
+    let tweak = |cfg: &mut imgate::config::Config| cfg.delivery.hold_ms = 30_000;
+    let Some((c, mut b)) = one_node_and_a_browser(tweak).await else {
+        return;
+    };
+    let page = b.open(&format!("{}/", c.nodes[0].http_url())).await;
+    login(&mut b, &page, "alice").await;
+    b.eval(
+        &page,
+        "document.getElementById('to').value = 'bob';
+         document.getElementById('text').value = 'held for bob';
+         document.getElementById('send').click(); true",
+    )
+    .await;
+    login(&mut b, &page, "carol").await;
+    b.wait_for(
+        &page,
+        "[...document.querySelectorAll('#log li .status')]
+           .some(e => e.textContent === '? unknown: logged in as another user')",
+    )
+    .await;
+    let mut bob = cluster_support::Client::login(&c.nodes[0].http_url(), "bob").await;
+    let m = bob.expect("msg").await;
+    assert_eq!(
+        m["from"], "alice",
+        "only alice's one message, never as carol: {m}"
+    );
+    bob.expect_nothing(Duration::from_millis(300)).await;
+    drop(b);
+    c.shutdown().await;
+}
