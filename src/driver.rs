@@ -81,17 +81,20 @@ impl<T: Transport> Driver<T> {
                 _ = inputs.shutdown.cancelled() => break,
                 cmd = inputs.commands.recv() => {
                     let Some(cmd) = cmd else { break };
-                    self.command(cmd);
+                    // One clock reading serves the whole batch.
+                    let now = now();
+                    self.command(cmd, now);
                     for _ in 1..BATCH {
                         let Ok(cmd) = inputs.commands.try_recv() else { break };
-                        self.command(cmd);
+                        self.command(cmd, now);
                     }
                 }
                 Some(event) = inputs.links.recv() => {
-                    self.relay.handle_link(now(), event);
+                    let now = now();
+                    self.relay.handle_link(now, event);
                     for _ in 1..BATCH {
                         let Ok(event) = inputs.links.try_recv() else { break };
-                        self.relay.handle_link(now(), event);
+                        self.relay.handle_link(now, event);
                     }
                 }
                 Ok(()) = inputs.view.changed() => {
@@ -111,8 +114,8 @@ impl<T: Transport> Driver<T> {
         self.carry_out();
     }
 
-    fn command(&mut self, cmd: Command) {
-        let (now, relay) = (now(), &mut self.relay);
+    fn command(&mut self, cmd: Command, now: std::time::Instant) {
+        let relay = &mut self.relay;
         let (req, reply) = match cmd {
             Command::Open {
                 session,

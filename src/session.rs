@@ -63,7 +63,7 @@ const WRITE_BATCH: usize = 64;
 /// How long a closing frame may take to go out before the socket is dropped anyway.
 const CLOSE_WRITE: Duration = Duration::from_millis(500);
 
-pub use crate::clock::now_ms;
+use crate::clock::now_ms;
 
 fn close_frame(code: u16, reason: &'static str) -> WsMessage {
     WsMessage::Close(Some(CloseFrame {
