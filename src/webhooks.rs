@@ -8,9 +8,8 @@
 //! `webhooks.concurrency` at once, with the header `X-Imgate-Signature: sha256=<hex HMAC-SHA256
 //! of the body>`. A POST that is not answered 2xx within `webhooks.timeout_ms` is tried again
 //! after a backoff (100 ms doubling, with jitter, at most 5 s), up to `webhooks.max_attempts`
-//! POSTs, then given up (`imgate_webhook_failed_total`); a 4xx answer other than 408 and 429
-//! is a refusal that no retry changes, and gives the event up at once. A slow or dead backend therefore costs
-//! a node at most the queue's memory; the sessions and the driver never wait on it.
+//! POSTs, then given up (`imgate_webhook_failed_total`). A slow or dead backend therefore
+//! costs a node at most the queue's memory; the sessions and the driver never wait on it.
 //!
 //! Each event is sent by one node: `offline` by the recipient's owner (where the delivery ended),
 //! `connect` and `disconnect` by the node that served the session.
@@ -241,22 +240,16 @@ impl Poster {
                 .body(body.clone())
                 .send()
                 .await;
-            let (why, again) = match sent {
+            // The contract: every answer that is not 2xx is retried, with backoff.
+            let why = match sent {
                 Ok(r) if r.status().is_success() => {
                     self.metrics.webhook_sent.inc();
                     return;
                 }
-                // A refusal (413, 400, 401, ...) will not change; 408 and 429 may.
-                Ok(r)
-                    if r.status().is_client_error()
-                        && !matches!(r.status().as_u16(), 408 | 429) =>
-                {
-                    (format!("answered {}", r.status()), false)
-                }
-                Ok(r) => (format!("answered {}", r.status()), true),
-                Err(e) => (e.to_string(), true),
+                Ok(r) => format!("answered {}", r.status()),
+                Err(e) => e.to_string(),
             };
-            if attempt == self.attempts || !again {
+            if attempt == self.attempts {
                 self.metrics.webhook_failed.inc();
                 tracing::warn!(url = %self.url, attempts = attempt, reason = %why, "webhook event given up");
                 return;
