@@ -350,6 +350,18 @@ pub struct LimitsConfig {
     /// a push fails `rate_limited` and presence or kick answer 503 `busy`. Gauge
     /// `imgate_pending_requests`. Default 65536.
     pub max_pending_requests: usize,
+    /// Rooms one user may be a member of; a join beyond it fails `limit` (409 on the API).
+    /// Default 1000.
+    pub max_rooms_per_user: usize,
+    /// Members of one room; a join beyond it fails `limit`. Default 100000.
+    pub max_members_per_room: usize,
+    /// Memberships one node keeps on each side (as rooms' owner, as users' owner); a join
+    /// beyond it fails `limit`. Gauges `imgate_room_members`, `imgate_user_rooms`,
+    /// `imgate_room_state_bytes`. Default 4000000.
+    pub max_room_memberships: usize,
+    /// Memberships re-announced or handed over per second after a ring change, per node, so
+    /// that a death or a join is not a storm. Default 50000.
+    pub room_sync_per_second: u32,
 }
 
 impl LimitsConfig {
@@ -581,6 +593,10 @@ impl Default for LimitsConfig {
             other_frames_per_second: None,
             max_forwards: 1 << 18,
             max_pending_requests: 1 << 16,
+            max_rooms_per_user: 1000,
+            max_members_per_room: 100_000,
+            max_room_memberships: 4_000_000,
+            room_sync_per_second: 50_000,
         }
     }
 }
@@ -898,6 +914,13 @@ impl Config {
             ("limits.max_sessions", l.max_sessions),
             ("limits.max_forwards", l.max_forwards),
             ("limits.max_pending_requests", l.max_pending_requests),
+            ("limits.max_rooms_per_user", l.max_rooms_per_user),
+            ("limits.max_members_per_room", l.max_members_per_room),
+            ("limits.max_room_memberships", l.max_room_memberships),
+            (
+                "limits.room_sync_per_second",
+                l.room_sync_per_second as usize,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));

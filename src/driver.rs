@@ -152,6 +152,14 @@ impl<T: Transport> Driver<T> {
             } => (relay.kick(now, &uid, at), reply),
             Command::Push { msg, reply } => (relay.push(now, msg), reply),
             Command::Presence { uid, reply } => (relay.presence(now, &uid), reply),
+            Command::RoomMember {
+                room,
+                uid,
+                join,
+                reply,
+            } => (relay.room_member(now, &room, &uid, join), reply),
+            Command::RoomPush { msg, reply } => (relay.room_push(now, msg), reply),
+            Command::RoomInfo { room, reply } => (relay.room_info(now, &room), reply),
         };
         self.replies.insert(req, reply);
     }

@@ -80,6 +80,28 @@ pub struct Message {
     /// No hold, no retry, no dedup memory: delivered if a session acks within the ack
     /// timeout, else failed (`offline` at once when the recipient has no session).
     pub transient: bool,
+    /// The room, for a room message (one copy per member; the body is shared).
+    pub room: Option<Arc<str>>,
+    /// A session of the recipient that must not get it: the room message's sending session,
+    /// on the node it was sent from. When it is the recipient's only session, the message
+    /// counts as delivered (the sender has it).
+    pub except: Option<SessionId>,
+}
+
+impl Message {
+    /// A 1:1 message.
+    pub fn direct(from: &str, id: &str, to: &str, body: Body, ts: u64) -> Message {
+        Message {
+            from: Arc::from(from),
+            id: Arc::from(id),
+            to: Arc::from(to),
+            body,
+            ts,
+            transient: false,
+            room: None,
+            except: None,
+        }
+    }
 }
 
 /// The end of a delivery.
@@ -89,6 +111,42 @@ pub enum Outcome {
     Delivered,
     /// It will not be delivered.
     Failed(FailReason),
+}
+
+/// How a room message ended for its members (the fields of `room_result`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoomTally {
+    /// Members it was addressed to.
+    pub members: u32,
+    /// Members with a session that acked.
+    pub delivered: u32,
+    /// Members that had no session within the hold time.
+    pub offline: u32,
+    /// Members whose delivery failed otherwise (timeout, unreachable, limits).
+    pub failed: u32,
+}
+
+impl RoomTally {
+    /// Counts one member's outcome.
+    pub fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Delivered => self.delivered += 1,
+            Outcome::Failed(FailReason::Offline) => self.offline += 1,
+            Outcome::Failed(_) => self.failed += 1,
+        }
+    }
+
+    /// Adds another tally's outcomes (not its `members`).
+    pub fn add(&mut self, other: &RoomTally) {
+        self.delivered += other.delivered;
+        self.offline += other.offline;
+        self.failed += other.failed;
+    }
+
+    /// Members whose outcome is counted.
+    pub fn ended(&self) -> u32 {
+        self.delivered + self.offline + self.failed
+    }
 }
 
 /// Who waits for the outcome of a delivery.
@@ -105,6 +163,8 @@ pub enum Waiter {
         /// That node's tag for the forward.
         tag: u64,
     },
+    /// The fan-out of a room message to this node's members: the relay's batch number.
+    Batch(u64),
 }
 
 /// Where the owner of a recipient is, as the driver sees the ring now.
@@ -173,13 +233,18 @@ pub enum Action {
 
 type DeliveryId = u64;
 
-/// A dedup key: `(from, to, id)`. Rule 5 speaks of `(from, id)`; the recipient is part of the
-/// key so that an id reused for another recipient is never answered with the first one's
-/// outcome.
-type DedupKey = (Arc<str>, Arc<str>, Arc<str>);
+/// A dedup key: `(from, to, id, room)`. Rule 5 speaks of `(from, id)`; the recipient (and the
+/// room, for a room message) is part of the key so that an id reused for another recipient is
+/// never answered with the first one's outcome.
+type DedupKey = (Arc<str>, Arc<str>, Arc<str>, Option<Arc<str>>);
 
 fn dedup_key(msg: &Message) -> DedupKey {
-    (msg.from.clone(), msg.to.clone(), msg.id.clone())
+    (
+        msg.from.clone(),
+        msg.to.clone(),
+        msg.id.clone(),
+        msg.room.clone(),
+    )
 }
 
 #[derive(Debug)]
@@ -461,6 +526,38 @@ impl Engine {
 
     // ----- sender side ----------------------------------------------------------------------
 
+    /// Admits a send of local `session` (1:1 or room): spends a token of its rate limit and
+    /// counts `id` in flight. The outcome must come back through [`Engine::outcome`] or
+    /// [`Engine::room_outcome`]. `Err(None)`: the session is gone.
+    ///
+    /// # Errors
+    /// `Some(RateLimited)` when over the rate or the in-flight bound (nothing is counted).
+    pub fn admit(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        id: &Arc<str>,
+    ) -> Result<Arc<str>, Option<FailReason>> {
+        let cfg_rate = f64::from(self.cfg.sends_per_second);
+        let max_inflight = self.cfg.max_inflight_per_session;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Err(None);
+        };
+        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
+        s.tokens = (s.tokens + elapsed * cfg_rate).min(cfg_rate);
+        s.refilled = now;
+        if s.tokens < 1.0 {
+            return Err(Some(FailReason::RateLimited));
+        }
+        s.tokens -= 1.0;
+        if s.inflight_total >= max_inflight {
+            return Err(Some(FailReason::RateLimited));
+        }
+        *s.inflight.entry(id.clone()).or_insert(0) += 1;
+        s.inflight_total += 1;
+        Ok(s.uid.clone())
+    }
+
     /// A `send` from a local session. `route` is where the recipient's owner is now.
     #[allow(clippy::too_many_arguments)]
     pub fn send(
@@ -475,39 +572,29 @@ impl Engine {
         route: Route,
         out: &mut Vec<Action>,
     ) {
-        let cfg_rate = f64::from(self.cfg.sends_per_second);
-        let max_inflight = self.cfg.max_inflight_per_session;
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
-        s.tokens = (s.tokens + elapsed * cfg_rate).min(cfg_rate);
-        s.refilled = now;
-        let refuse = if s.tokens < 1.0 {
-            Some(FailReason::RateLimited)
-        } else {
-            s.tokens -= 1.0;
-            (s.inflight_total >= max_inflight).then_some(FailReason::RateLimited)
-        };
         let id: Arc<str> = Arc::from(id);
         let to: Arc<str> = Arc::from(to);
-        if let Some(reason) = refuse {
-            self.metrics.failed(reason);
-            out.push(Action::Push {
-                session,
-                frame: ServerFrame::Failed { id, to, reason },
-            });
-            return;
-        }
-        *s.inflight.entry(id.clone()).or_insert(0) += 1;
-        s.inflight_total += 1;
+        let from = match self.admit(now, session, &id) {
+            Ok(uid) => uid,
+            Err(None) => return,
+            Err(Some(reason)) => {
+                self.metrics.failed(reason);
+                out.push(Action::Push {
+                    session,
+                    frame: ServerFrame::Failed { id, to, reason },
+                });
+                return;
+            }
+        };
         let msg = Message {
-            from: s.uid.clone(),
+            from,
             id,
             to,
             body,
             ts,
             transient,
+            room: None,
+            except: None,
         };
         match route {
             Route::Local => {
@@ -538,18 +625,9 @@ impl Engine {
         outcome: Outcome,
         out: &mut Vec<Action>,
     ) {
-        let Some(s) = self.sessions.get_mut(&session) else {
+        let Some(key) = self.release(session, id) else {
             return;
         };
-        let Some((key, count)) = s.inflight.get_key_value(id).map(|(k, c)| (k.clone(), *c)) else {
-            return;
-        };
-        s.inflight_total -= 1;
-        if count <= 1 {
-            s.inflight.remove(id);
-        } else {
-            s.inflight.insert(key.clone(), count - 1);
-        }
         let to: Arc<str> = Arc::from(to);
         let frame = match outcome {
             Outcome::Delivered => ServerFrame::Delivered { id: key, to },
@@ -560,6 +638,51 @@ impl Engine {
             },
         };
         out.push(Action::Push { session, frame });
+    }
+
+    /// The end of a room send of local `session` (admitted by [`Engine::admit`]): pushes its
+    /// `room_result` or `failed`. Unknown sessions and ids are ignored.
+    pub fn room_outcome(
+        &mut self,
+        session: SessionId,
+        id: &str,
+        room: &Arc<str>,
+        result: Result<RoomTally, FailReason>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(id) = self.release(session, id) else {
+            return;
+        };
+        let room = room.clone();
+        let frame = match result {
+            Ok(t) => ServerFrame::RoomResult {
+                id,
+                room,
+                members: t.members,
+                delivered: t.delivered,
+                offline: t.offline,
+                failed: t.failed,
+            },
+            Err(reason) => ServerFrame::RoomFailed {
+                id: Some(id),
+                room,
+                reason,
+            },
+        };
+        out.push(Action::Push { session, frame });
+    }
+
+    /// Ends one in-flight count of `id` for `session`; the id as it was admitted.
+    fn release(&mut self, session: SessionId, id: &str) -> Option<Arc<str>> {
+        let s = self.sessions.get_mut(&session)?;
+        let (key, count) = s.inflight.get_key_value(id).map(|(k, c)| (k.clone(), *c))?;
+        s.inflight_total -= 1;
+        if count <= 1 {
+            s.inflight.remove(id);
+        } else {
+            s.inflight.insert(key.clone(), count - 1);
+        }
+        Some(key)
     }
 
     // ----- recipient side -------------------------------------------------------------------
@@ -745,11 +868,22 @@ impl Engine {
         d.placements += 1;
         let transient = d.msg.transient;
         let to = d.msg.to.clone();
-        let sessions: Vec<SessionId> = self
+        let except = d.msg.except;
+        let mut sessions: Vec<SessionId> = self
             .users
             .get(&to)
             .map(|u| u.sessions.clone())
             .unwrap_or_default();
+        if let Some(x) = except
+            && sessions.contains(&x)
+        {
+            sessions.retain(|&s| s != x);
+            if sessions.is_empty() {
+                // The room message's sender is this user's only session: it has the message.
+                self.finish(now, did, Outcome::Delivered, out);
+                return;
+            }
+        }
         if !sessions.is_empty() {
             for session in sessions {
                 self.push_to(now, did, session, true, out);
@@ -961,6 +1095,7 @@ fn msg_frame(seq: u64, msg: &Message) -> ServerFrame {
         id: msg.id.clone(),
         body: msg.body.clone(),
         ts: msg.ts,
+        room: msg.room.clone(),
     }
 }
 

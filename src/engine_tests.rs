@@ -112,6 +112,8 @@ impl Harness {
             body: body(id),
             ts: 7,
             transient,
+            room: None,
+            except: None,
         };
         self.engine.deliver(self.now, msg, waiter, &mut self.out);
         self.take()

@@ -91,11 +91,21 @@ pub fn router(shared: Arc<Shared>, tracker: TaskTracker) -> Router {
         .route("/api/push", post(api_push))
         .route("/api/presence/{uid}", get(api_presence))
         .route("/api/kick", post(api_kick))
+        .route("/api/rooms/{room}", get(rooms::info))
+        .route("/api/rooms/{room}/members", post(rooms::add_member))
+        .route(
+            "/api/rooms/{room}/members/{uid}",
+            axum::routing::delete(rooms::remove_member),
+        )
+        .route("/api/rooms/{room}/push", post(rooms::push))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
 }
+
+#[path = "http_rooms.rs"]
+mod rooms;
 
 #[derive(Clone)]
 struct AppState {
@@ -111,7 +121,7 @@ async fn cors(State(state): State<AppState>, req: Request, next: Next) -> Respon
         let h = r.headers_mut();
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, OPTIONS"),
+            HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
         );
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -708,6 +718,8 @@ async fn api_push(
         to: Arc::from(to.as_str()),
         body,
         ts: crate::clock::now_ms(),
+        room: None,
+        except: None,
     };
     shared
         .engine

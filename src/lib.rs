@@ -48,6 +48,7 @@ pub mod peer;
 pub mod protocol;
 pub mod relay;
 pub mod ring;
+pub mod rooms;
 pub mod serve;
 pub mod session;
 pub mod state;

@@ -48,7 +48,7 @@ pub struct Metrics {
     pub messages_forwarded: Counter,
     /// Messages acked end to end.
     pub delivered: Counter,
-    failed: [Counter; 6],
+    failed: [Counter; FailReason::ALL.len()],
     /// Pushes repeated after `ack_timeout_ms`.
     pub retries: Counter,
     /// Sends answered from the dedup window instead of delivered again.
@@ -98,6 +98,18 @@ pub struct Metrics {
     pub webhook_queue: Gauge,
     /// `users`-mode logins refused with 503 `busy` (the password-check queue was full).
     pub logins_busy: Counter,
+    /// Memberships this node keeps as the owner of rooms: `(room, uid)` pairs.
+    pub room_members: Gauge,
+    /// Memberships this node keeps as the owner of users: `(uid, room)` pairs.
+    pub user_rooms: Gauge,
+    /// Bytes of membership state on this node, both sides (an estimate from the entries).
+    pub room_state_bytes: Gauge,
+    /// Room sends fanned out by this node as the room's owner.
+    pub room_sends: Counter,
+    /// Memberships re-announced to a new owner after a ring change (or handed over).
+    pub room_syncs: Counter,
+    /// Room sends and `room_result`s waiting on this node (as sender's node or room owner).
+    pub room_pending: Gauge,
     /// Seconds from taking a message to its first ack.
     pub delivery_latency: Histogram,
     /// Seconds from forwarding a message to another node until its outcome came back.
@@ -286,6 +298,36 @@ impl Metrics {
             "logins_busy",
             "Logins refused with 503 busy (password-check queue full)",
         );
+        let room_members = gauge(
+            &mut registry,
+            "room_members",
+            "Memberships kept as the owner of rooms: (room, uid) pairs",
+        );
+        let user_rooms = gauge(
+            &mut registry,
+            "user_rooms",
+            "Memberships kept as the owner of users: (uid, room) pairs",
+        );
+        let room_state_bytes = gauge(
+            &mut registry,
+            "room_state_bytes",
+            "Bytes of room membership state, both sides (estimate)",
+        );
+        let room_sends = counter(
+            &mut registry,
+            "room_sends",
+            "Room sends fanned out as the room's owner",
+        );
+        let room_syncs = counter(
+            &mut registry,
+            "room_syncs",
+            "Memberships re-announced to a new owner after a ring change",
+        );
+        let room_pending = gauge(
+            &mut registry,
+            "room_pending",
+            "Room sends and joins waiting for an answer on this node",
+        );
         let delivery_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
             "delivery_latency_seconds",
@@ -333,6 +375,12 @@ impl Metrics {
             webhook_failed,
             webhook_queue,
             logins_busy,
+            room_members,
+            user_rooms,
+            room_state_bytes,
+            room_sends,
+            room_syncs,
+            room_pending,
             delivery_latency,
             forward_latency,
         }

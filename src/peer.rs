@@ -84,8 +84,18 @@ struct Peer {
 /// other frames are small and bounded by the frame count.
 fn queued_size(frame: &PeerFrame) -> usize {
     match frame {
-        PeerFrame::Deliver { msg, .. } | PeerFrame::DeliverTransient { msg, .. } => {
+        PeerFrame::Deliver { msg, .. }
+        | PeerFrame::DeliverTransient { msg, .. }
+        | PeerFrame::DeliverRoom { msg, .. }
+        | PeerFrame::RoomSend { msg, .. } => {
             msg.body.len() + msg.id.len() + msg.from.len() + msg.to.len()
+        }
+        PeerFrame::RoomDeliver { msg, uids, .. } => {
+            msg.body.len()
+                + msg.id.len()
+                + msg.from.len()
+                + msg.to.len()
+                + uids.iter().map(|u| u.len()).sum::<usize>()
         }
         _ => 0,
     }

@@ -31,6 +31,31 @@ pub enum ClientFrame {
         /// `"transient": true`: no hold, no retry, no dedup memory (typing indicators).
         transient: bool,
     },
+    /// `send` with `room` instead of `to`: to every member of the room.
+    RoomSend {
+        /// Sender-chosen message id.
+        id: String,
+        /// The room.
+        room: String,
+        /// Raw JSON body.
+        body: Body,
+        /// No hold, no retry, no dedup memory.
+        transient: bool,
+    },
+    /// `join`: make this user a member of `room`.
+    Join {
+        /// The room.
+        room: String,
+        /// Optional request id, echoed in the answer.
+        id: Option<String>,
+    },
+    /// `leave`: end this user's membership of `room`.
+    Leave {
+        /// The room.
+        room: String,
+        /// Optional request id, echoed in the answer.
+        id: Option<String>,
+    },
     /// `ack`.
     Ack {
         /// The acked `seq`.
@@ -61,6 +86,18 @@ pub enum FrameError {
         /// The failure reason.
         reason: FailReason,
     },
+    /// A room `send`, `join` or `leave` refused on the spot: `failed` `{id, room, reason}`, or
+    /// `error` when it carries no id.
+    RoomRefused {
+        /// The id, when the frame had a usable one.
+        id: Option<String>,
+        /// The room as sent, or empty when it was not a string.
+        room: String,
+        /// The failure reason.
+        reason: FailReason,
+        /// Human text for the `error` frame.
+        message: &'static str,
+    },
 }
 
 /// Why a message will not be delivered (the `reason` of a `failed` frame).
@@ -79,17 +116,23 @@ pub enum FailReason {
     RateLimited,
     /// The request was not acceptable (bad `to`, ...).
     Invalid,
+    /// A room send from a user who is not a member of the room.
+    Forbidden,
+    /// A join beyond `limits.max_rooms_per_user` or `limits.max_members_per_room`.
+    Limit,
 }
 
 impl FailReason {
     /// Every reason, for metrics labels.
-    pub const ALL: [FailReason; 6] = [
+    pub const ALL: [FailReason; 8] = [
         FailReason::Offline,
         FailReason::Timeout,
         FailReason::Unreachable,
         FailReason::TooLarge,
         FailReason::RateLimited,
         FailReason::Invalid,
+        FailReason::Forbidden,
+        FailReason::Limit,
     ];
 
     /// The wire name.
@@ -101,6 +144,8 @@ impl FailReason {
             FailReason::TooLarge => "too_large",
             FailReason::RateLimited => "rate_limited",
             FailReason::Invalid => "invalid",
+            FailReason::Forbidden => "forbidden",
+            FailReason::Limit => "limit",
         }
     }
 }
@@ -121,6 +166,8 @@ struct Envelope<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow)]
     transient: Option<&'a RawValue>,
+    #[serde(borrow)]
+    room: Option<&'a RawValue>,
 }
 
 fn as_string(raw: Option<&RawValue>) -> Option<String> {
@@ -150,6 +197,9 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
                 .ok_or_else(|| {
                     FrameError::BadFrame("`send` needs an `id`: a string of 1 to 64 bytes".into())
                 })?;
+            if env.room.is_some() {
+                return parse_room_send(id, &env, max_body);
+            }
             let to = as_string(env.to);
             let Some(to) = to.filter(|t| validate_uid(t).is_ok()) else {
                 return Err(FrameError::Refused {
@@ -186,6 +236,24 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
                 transient,
             })
         }
+        "join" | "leave" => {
+            let id = match env.id {
+                None => None,
+                Some(raw) => Some(
+                    as_string(Some(raw))
+                        .filter(|id| !id.is_empty() && id.len() <= MAX_ID_BYTES)
+                        .ok_or_else(|| {
+                            FrameError::BadFrame("`id` must be a string of 1 to 64 bytes".into())
+                        })?,
+                ),
+            };
+            let room = room_of(&env, id.clone())?;
+            Ok(if ty == "join" {
+                ClientFrame::Join { room, id }
+            } else {
+                ClientFrame::Leave { room, id }
+            })
+        }
         "ack" => {
             let seq = env
                 .seq
@@ -211,15 +279,82 @@ pub fn parse_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, Fr
     }
 }
 
+/// The frame's `room`, checked with the id rules.
+fn room_of(env: &Envelope<'_>, id: Option<String>) -> Result<String, FrameError> {
+    match as_string(env.room) {
+        Some(room) if validate_uid(&room).is_ok() => Ok(room),
+        other => Err(FrameError::RoomRefused {
+            id,
+            room: other.unwrap_or_default(),
+            reason: FailReason::Invalid,
+            message: "`room` must be a room id: 1 to 128 bytes, no control or format \
+                      characters, not starting with `$`",
+        }),
+    }
+}
+
+/// A `send` with `room`: `to` must be absent.
+fn parse_room_send(
+    id: String,
+    env: &Envelope<'_>,
+    max_body: usize,
+) -> Result<ClientFrame, FrameError> {
+    let room = room_of(env, Some(id.clone()))?;
+    let refused = |reason, message| FrameError::RoomRefused {
+        id: Some(id.clone()),
+        room: room.clone(),
+        reason,
+        message,
+    };
+    if env.to.is_some() {
+        return Err(refused(
+            FailReason::Invalid,
+            "a `send` names `to` or `room`, not both",
+        ));
+    }
+    let body = env.body.unwrap_or(RawValue::NULL);
+    if body.get().len() > max_body {
+        return Err(refused(FailReason::TooLarge, "body over the limit"));
+    }
+    let transient = match env.transient.map(RawValue::get) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(refused(
+                FailReason::Invalid,
+                "`transient` must be true or false",
+            ));
+        }
+    };
+    Ok(ClientFrame::RoomSend {
+        body: Arc::from(body.to_owned()),
+        id,
+        room,
+        transient,
+    })
+}
+
 /// For a frame over the size limit: if it is a `send` with a usable id, the `failed:
 /// too_large` it gets (delivery rule 1); otherwise the `error` frame.
 pub fn oversize_answer(text: &str, max_frame: usize) -> ServerFrame {
-    if let Err(FrameError::Refused { id, to, .. }) = parse_client_frame(text, 0) {
-        return ServerFrame::Failed {
-            id: id.as_str().into(),
-            to: to.as_str().into(),
-            reason: FailReason::TooLarge,
-        };
+    match parse_client_frame(text, 0) {
+        Err(FrameError::Refused { id, to, .. }) => {
+            return ServerFrame::Failed {
+                id: id.as_str().into(),
+                to: to.as_str().into(),
+                reason: FailReason::TooLarge,
+            };
+        }
+        Err(FrameError::RoomRefused {
+            id: Some(id), room, ..
+        }) => {
+            return ServerFrame::RoomFailed {
+                id: Some(id.as_str().into()),
+                room: room.as_str().into(),
+                reason: FailReason::TooLarge,
+            };
+        }
+        _ => {}
     }
     ServerFrame::Error {
         code: "too_large",
@@ -243,6 +378,8 @@ pub enum ServerFrame {
         node: String,
         /// Session id, unique on the node.
         session: String,
+        /// The rooms this user is a member of.
+        rooms: Vec<Arc<str>>,
     },
     /// A message.
     Msg {
@@ -256,6 +393,53 @@ pub enum ServerFrame {
         body: Body,
         /// Milliseconds since the epoch when the sender's node took it.
         ts: u64,
+        /// The room, for a room message.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<Arc<str>>,
+    },
+    /// Answer to `join`.
+    Joined {
+        /// The room.
+        room: Arc<str>,
+        /// Its members now.
+        members: u32,
+        /// The `join`'s id, when it had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Arc<str>>,
+    },
+    /// Answer to `leave`.
+    Left {
+        /// The room.
+        room: Arc<str>,
+        /// The `leave`'s id, when it had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Arc<str>>,
+    },
+    /// How a room send ended, once every member's delivery ended.
+    RoomResult {
+        /// Message id.
+        id: Arc<str>,
+        /// The room.
+        room: Arc<str>,
+        /// Members it went to (the sender included: its other sessions get it).
+        members: u32,
+        /// Members with a session that acked.
+        delivered: u32,
+        /// Members with no session within the hold time.
+        offline: u32,
+        /// Members whose delivery failed otherwise.
+        failed: u32,
+    },
+    /// A room `send`, `join` or `leave` refused at once.
+    #[serde(rename = "failed")]
+    RoomFailed {
+        /// The frame's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Arc<str>>,
+        /// The room.
+        room: Arc<str>,
+        /// Why.
+        reason: FailReason,
     },
     /// End-to-end ack.
     Delivered {
@@ -322,6 +506,23 @@ impl ServerFrame {
                 id: id.as_str().into(),
                 to: to.as_str().into(),
                 reason: *reason,
+            },
+            FrameError::RoomRefused {
+                id: Some(id),
+                room,
+                reason,
+                ..
+            } => ServerFrame::RoomFailed {
+                id: Some(id.as_str().into()),
+                room: room.as_str().into(),
+                reason: *reason,
+            },
+            FrameError::RoomRefused {
+                id: None, message, ..
+            } => ServerFrame::Error {
+                code: "bad_frame",
+                message: (*message).to_string(),
+                id: None,
             },
         }
     }
@@ -464,6 +665,7 @@ mod tests {
             id: "m".into(),
             body: Arc::from(RawValue::from_string("{\"x\":[1,2]}".into()).unwrap()),
             ts: 5,
+            room: None,
         };
         assert_eq!(
             f.to_json(),

@@ -32,7 +32,11 @@ use crate::engine::{
 use crate::metrics::Metrics;
 use crate::protocol::{Body, FailReason, ServerFrame};
 use crate::view::View;
-use crate::wire::{PeerFrame, WireMessage};
+use crate::wire::{PeerFrame, RoomAnswer, WireMessage};
+
+#[path = "relay_rooms.rs"]
+mod room_core;
+pub use room_core::INFO_UIDS;
 
 /// A request from the HTTP API, answered once with an [`Answer`].
 pub type RequestId = u64;
@@ -89,6 +93,32 @@ pub enum ClientEvent {
         /// No hold, no retry, no dedup memory.
         transient: bool,
     },
+    /// A `send` to a room.
+    RoomSend {
+        /// Sending session.
+        session: SessionId,
+        /// Message id.
+        id: String,
+        /// The room.
+        room: String,
+        /// Body.
+        body: Body,
+        /// Taken at, ms since the epoch.
+        ts: u64,
+        /// No hold, no retry, no dedup memory.
+        transient: bool,
+    },
+    /// A `join` (or, with `join: false`, a `leave`).
+    Join {
+        /// The session.
+        session: SessionId,
+        /// The room.
+        room: String,
+        /// The frame's id, echoed.
+        id: Option<String>,
+        /// Join or leave.
+        join: bool,
+    },
     /// An `ack`.
     Ack {
         /// Acking session.
@@ -127,7 +157,7 @@ pub enum LinkEvent {
 }
 
 /// The answer to a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// How a push ended.
     Outcome(Outcome),
@@ -137,6 +167,8 @@ pub enum Answer {
     Unanswered,
     /// Too many requests wait for answers already (`limits.max_pending_requests`).
     Busy,
+    /// The answer of a room request (membership, room push, room query).
+    Room(RoomAnswer),
 }
 
 /// What the driver must carry out.
@@ -192,6 +224,9 @@ pub struct Status {
     pub deliveries: usize,
     /// Messages forwarded to other nodes and waiting for their outcome.
     pub forwards: usize,
+    /// Room requests, fan-outs and member batches waiting, and memberships not yet handed over
+    /// or announced after a ring change.
+    pub rooms: usize,
 }
 
 /// The relay's limits and timeouts.
@@ -207,6 +242,15 @@ pub struct RelayConfig {
     pub max_requests: usize,
     /// A presence or kick question to a peer unanswered this long is given up.
     pub ask_timeout: Duration,
+    /// Rooms one user may be a member of (`limits.max_rooms_per_user`).
+    pub max_rooms_per_user: usize,
+    /// Members of one room (`limits.max_members_per_room`).
+    pub max_members_per_room: usize,
+    /// Memberships kept on this node, on each side (`limits.max_room_memberships`).
+    pub max_room_memberships: usize,
+    /// Memberships re-announced per second after a ring change
+    /// (`limits.room_sync_per_second`).
+    pub room_sync_per_second: u32,
 }
 
 impl RelayConfig {
@@ -220,6 +264,10 @@ impl RelayConfig {
             max_forwards: cfg.limits.max_forwards,
             max_requests: cfg.limits.max_pending_requests,
             ask_timeout: ASK_TIMEOUT,
+            max_rooms_per_user: cfg.limits.max_rooms_per_user,
+            max_members_per_room: cfg.limits.max_members_per_room,
+            max_room_memberships: cfg.limits.max_room_memberships,
+            room_sync_per_second: cfg.limits.room_sync_per_second,
         }
     }
 
@@ -289,6 +337,8 @@ pub struct Relay {
     out: VecDeque<Output>,
     next_sweep: Option<Instant>,
     forward_max_age: Duration,
+    /// Room memberships and room requests in flight.
+    rooms: room_core::RoomState,
 }
 
 /// The ownership rule over a view: the first node of `uid`'s preference list that is `me` or
@@ -334,6 +384,7 @@ impl Relay {
             out: VecDeque::new(),
             next_sweep: None,
             forward_max_age,
+            rooms: room_core::RoomState::default(),
         }
     }
 
@@ -393,6 +444,7 @@ impl Relay {
                     })
                 })
                 .count(),
+            rooms: self.rooms.in_flight(),
         }
     }
 
@@ -435,10 +487,14 @@ impl Relay {
 
     /// When [`Relay::handle_timeout`] must run next.
     pub fn next_deadline(&self) -> Option<Instant> {
-        match (self.engine.next_deadline(), self.next_sweep) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.engine.next_deadline(),
+            self.next_sweep,
+            self.rooms.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // ----- inputs -------------------------------------------------------------------------
@@ -463,6 +519,16 @@ impl Relay {
                     self.end(session, SessionEnd::Closed(CloseReason::Kicked));
                 } else {
                     self.iats.insert(session, iat);
+                    let welcome = ServerFrame::Welcome {
+                        uid: uid.to_string(),
+                        node: self.me.to_string(),
+                        session: format!("{}-{session}", self.me),
+                        rooms: self.rooms_of(&uid),
+                    };
+                    self.out.push_back(Output::Session {
+                        session,
+                        frame: welcome,
+                    });
                     self.engine
                         .open_session(now, session, &uid, &mut self.actions);
                     self.note_local(&uid);
@@ -497,6 +563,20 @@ impl Relay {
                     self.note_local(&to);
                 }
             }
+            ClientEvent::RoomSend {
+                session,
+                id,
+                room,
+                body,
+                ts,
+                transient,
+            } => self.client_room_send(now, session, id, room, body, ts, transient),
+            ClientEvent::Join {
+                session,
+                room,
+                id,
+                join,
+            } => self.client_join(now, session, room, id, join),
             ClientEvent::Ack { session, seq } => {
                 self.engine.ack(now, session, seq, &mut self.actions)
             }
@@ -612,6 +692,8 @@ impl Relay {
             |n| !view.members.contains_key(n) && !reachable.contains(n),
             "owner left the cluster",
         );
+        self.fail_room_waits(|n| !view.members.contains_key(n) && !reachable.contains(n));
+        self.rooms_changed(now);
         self.behind.clear();
         self.behind_len = 0;
         let users = sorted(self.engine.local_users().cloned().collect());
@@ -630,12 +712,16 @@ impl Relay {
                     self.behind_len -= users.len();
                     self.hand_over(now, sorted(users.into_iter().collect()));
                 }
+                self.rooms_link_up(now, &node);
             }
             // A peer going away cannot make another node the owner of a user this node owns:
             // only the forwards and questions to it fail.
             LinkEvent::Down(node) => {
                 self.reachable.remove(&node);
                 self.fail_forwards(|n| *n == node, "link down");
+                // A room owned by that peer has another owner now.
+                self.fail_room_waits(|n| *n == node);
+                self.rooms_changed(now);
             }
             LinkEvent::Frame { from, frame } => self.on_peer_frame(now, from, frame),
         }
@@ -646,7 +732,9 @@ impl Relay {
     /// full): what waited on it fails now.
     pub fn handle_refused(&mut self, now: Instant, node: &NodeId, frame: PeerFrame) {
         match frame {
-            PeerFrame::Deliver { tag, .. } | PeerFrame::DeliverTransient { tag, .. } => {
+            PeerFrame::Deliver { tag, .. }
+            | PeerFrame::DeliverTransient { tag, .. }
+            | PeerFrame::DeliverRoom { tag, .. } => {
                 if let Some(f) = self.forwards.remove(&tag) {
                     tracing::debug!(peer = %node, id = %f.id, "forward refused by the link");
                     self.unreachable(f.waiters, &f.id, &f.to);
@@ -657,8 +745,14 @@ impl Relay {
             {
                 self.answer(req, Answer::Unanswered);
             }
+            PeerFrame::Outcome { .. }
+            | PeerFrame::PresenceAnswer { .. }
+            | PeerFrame::KickAnswer { .. }
+            | PeerFrame::Hello { .. }
+            | PeerFrame::PresenceQuery { .. }
+            | PeerFrame::Kick { .. } => {}
             // An outcome or answer that cannot be sent is given up by the asking node's sweep.
-            _ => {}
+            room => self.room_refused(now, node, room),
         }
         self.carry_out(now);
     }
@@ -667,6 +761,7 @@ impl Relay {
     /// questions that can no longer be answered in time.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.engine.tick(now, &mut self.actions);
+        self.room_timers(now);
         if self.next_sweep.is_some_and(|at| now >= at) {
             self.sweep(now);
             self.next_sweep = None;
@@ -788,6 +883,22 @@ impl Relay {
             PeerFrame::DeliverTransient { tag, hops, msg } => {
                 self.on_deliver(now, from, tag, hops, msg, true)
             }
+            PeerFrame::DeliverRoom {
+                tag,
+                hops,
+                msg,
+                room,
+                transient,
+            } => {
+                if crate::uid::validate_uid(&room).is_err() {
+                    tracing::warn!(peer = %from, "room message with a malformed room refused");
+                    let outcome = Outcome::Failed(FailReason::Invalid).into();
+                    let frame = PeerFrame::Outcome { tag, outcome };
+                    self.out.push_back(Output::Peer { node: from, frame });
+                    return;
+                }
+                self.on_deliver_in(now, from, tag, hops, msg, transient, Some(room))
+            }
             PeerFrame::Outcome { tag, outcome } => {
                 if let Some(f) = self.forwards.remove(&tag) {
                     self.metrics
@@ -818,6 +929,16 @@ impl Relay {
                 let frame = PeerFrame::KickAnswer { req, sessions };
                 self.out.push_back(Output::Peer { node: from, frame });
             }
+            room @ (PeerFrame::RoomJoin { .. }
+            | PeerFrame::RoomLeave { .. }
+            | PeerFrame::RoomMember { .. }
+            | PeerFrame::RoomSend { .. }
+            | PeerFrame::RoomDeliver { .. }
+            | PeerFrame::RoomOnline { .. }
+            | PeerFrame::RoomTally { .. }
+            | PeerFrame::RoomQuery { .. }
+            | PeerFrame::RoomReply { .. }
+            | PeerFrame::RoomSync { .. }) => self.on_room_frame(now, &from, room),
             PeerFrame::KickAnswer { req, sessions }
             | PeerFrame::PresenceAnswer { req, sessions } => {
                 // Only a request still waiting, and only from the peer it was asked of.
@@ -842,8 +963,26 @@ impl Relay {
         msg: WireMessage,
         transient: bool,
     ) {
+        self.on_deliver_in(now, from, tag, hops, msg, transient, None)
+    }
+
+    /// A message for one recipient from a peer (of `room`, when it is a room message).
+    #[allow(clippy::too_many_arguments)]
+    fn on_deliver_in(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        tag: u64,
+        hops: u8,
+        msg: WireMessage,
+        transient: bool,
+        room: Option<Arc<str>>,
+    ) {
         let checked = match msg.check(self.cfg.max_body_bytes) {
-            Ok(()) => msg.into_message(transient),
+            Ok(()) => msg.into_message(transient).map(|mut m| {
+                m.room = room;
+                m
+            }),
             Err(why) => {
                 tracing::warn!(peer = %from, why, "refused a message from a peer");
                 None
@@ -936,7 +1075,15 @@ impl Relay {
         }
         let tag = self.next_tag();
         let wire = WireMessage::from_message(&msg);
-        let frame = if msg.transient {
+        let frame = if let Some(room) = &msg.room {
+            PeerFrame::DeliverRoom {
+                tag,
+                hops,
+                msg: wire,
+                room: room.clone(),
+                transient: msg.transient,
+            }
+        } else if msg.transient {
             PeerFrame::DeliverTransient {
                 tag,
                 hops,
@@ -988,6 +1135,7 @@ impl Relay {
                     };
                     self.out.push_back(Output::Peer { node, frame });
                 }
+                Waiter::Batch(bid) => self.batch_count(bid, outcome),
             }
         }
     }
@@ -1022,6 +1170,7 @@ impl Relay {
             self.out.push_back(Output::Offline(msg));
         }
         self.metrics.forwards.set(self.forwards.len() as i64);
+        self.room_gauges();
         self.metrics
             .pending_requests
             .set(self.requests.len() as i64);
@@ -1058,6 +1207,7 @@ impl Relay {
             self.requests.remove(&req);
             self.answer(req, Answer::Unanswered);
         }
+        self.sweep_rooms(now);
         let live = self.engine.local_user_count();
         if self.behind_len > 2 * live + 1024 {
             self.behind.clear();

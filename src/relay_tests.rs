@@ -418,6 +418,8 @@ fn pushes_answer_their_request() {
         to: Arc::from("pat"),
         body: Arc::from(serde_json::value::RawValue::from_string("{}".into()).unwrap()),
         ts: 1,
+        room: None,
+        except: None,
     };
     let first = r.push(now, msg("p1"));
     let second = r.push(now, msg("p2"));

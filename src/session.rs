@@ -226,20 +226,7 @@ async fn serve(
 ) -> &'static str {
     let deadline = Duration::from_millis(shared.cfg.websocket.write_timeout_ms);
     let (mut sink, mut stream) = socket.split();
-    let welcome = ServerFrame::Welcome {
-        uid: uid.to_string(),
-        node: shared.node_id.to_string(),
-        session: format!("{}-{session}", shared.node_id),
-    };
-    if let Err(e) = write(
-        &mut sink,
-        WsMessage::Text(welcome.to_json().into()),
-        deadline,
-    )
-    .await
-    {
-        return e.reason();
-    }
+    // The driver queues `welcome` (with the user's rooms) as the outbox's first frame.
     let (outbox, frames, mut close_rx) = Outbox::new(shared.cfg.limits.outbound_queue);
     let _closed = CloseOnDrop(frames.clone());
     let mut batch: Vec<ServerFrame> = Vec::new();
@@ -484,8 +471,10 @@ async fn handle_text(
     }
     let parsed = parse_client_frame(text, max_body);
     // A well-formed `send` spends the engine's send budget; everything else spends this one.
-    if !matches!(parsed, Ok(ClientFrame::Send { .. }))
-        && let Some(over) = over_budget(shared, budget)
+    if !matches!(
+        parsed,
+        Ok(ClientFrame::Send { .. } | ClientFrame::RoomSend { .. })
+    ) && let Some(over) = over_budget(shared, budget)
     {
         return match over {
             Over::Answer(frame) => Reply::Frame(frame),
@@ -509,8 +498,39 @@ async fn handle_text(
             body,
             ts: now_ms(),
         },
+        Ok(ClientFrame::RoomSend {
+            id,
+            room,
+            body,
+            transient,
+        }) => ClientEvent::RoomSend {
+            session,
+            id,
+            room,
+            body,
+            ts: now_ms(),
+            transient,
+        },
+        Ok(ClientFrame::Join { room, id }) => ClientEvent::Join {
+            session,
+            room,
+            id,
+            join: true,
+        },
+        Ok(ClientFrame::Leave { room, id }) => ClientEvent::Join {
+            session,
+            room,
+            id,
+            join: false,
+        },
         Err(err) => {
-            if let FrameError::Refused { reason, .. } = &err {
+            if let FrameError::Refused { reason, .. }
+            | FrameError::RoomRefused {
+                id: Some(_),
+                reason,
+                ..
+            } = &err
+            {
                 shared.metrics.failed(*reason);
             } else {
                 shared.metrics.frame_errors.inc();

@@ -60,6 +60,32 @@ pub enum Command {
         /// The answer.
         reply: oneshot::Sender<Answer>,
     },
+    /// Add (`join`) or remove a room membership; `reply` gets [`Answer::Room`].
+    RoomMember {
+        /// The room.
+        room: Arc<str>,
+        /// The user.
+        uid: Arc<str>,
+        /// Add or remove.
+        join: bool,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Answer>,
+    },
+    /// A room message from the HTTP API (`from` is `$system`, `room` set); `reply` gets
+    /// [`Answer::Room`] with the result.
+    RoomPush {
+        /// The message.
+        msg: Message,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Answer>,
+    },
+    /// The room as its owner sees it; `reply` gets [`Answer::Room`] with `Info`.
+    RoomInfo {
+        /// The room.
+        room: Arc<str>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Answer>,
+    },
     /// What is still in flight here (for draining).
     Status {
         /// The answer.

@@ -10,7 +10,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::engine::{Message, Outcome};
+use crate::engine::{Message, NodeId, Outcome, RoomTally};
 use crate::protocol::FailReason;
 
 /// Peer protocol version; also the version byte of every frame.
@@ -91,6 +91,15 @@ impl WireMessage {
         Ok(())
     }
 
+    /// A room message as it travels to the room's owner and to the members' nodes: `to` is
+    /// the room.
+    pub fn from_room_message(m: &Message, room: &Arc<str>) -> WireMessage {
+        WireMessage {
+            to: room.clone(),
+            ..WireMessage::from_message(m)
+        }
+    }
+
     /// Into an engine message; `None` if the body is not JSON. The body is parsed once more
     /// (without allocating) because it came from another process: a node must not hand its
     /// clients what no client could send, even from a peer with a bug.
@@ -103,6 +112,8 @@ impl WireMessage {
             to: self.to,
             ts: self.ts,
             transient,
+            room: None,
+            except: None,
         })
     }
 }
@@ -132,6 +143,44 @@ impl From<WireOutcome> for Outcome {
             WireOutcome::Failed(r) => Outcome::Failed(r),
         }
     }
+}
+
+/// What a room request is answered (to a peer in `RoomReply`, to the HTTP API as
+/// [`crate::relay::Answer::Room`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoomAnswer {
+    /// Joined; the room's members now.
+    Joined(u32),
+    /// Left (or was not a member).
+    Left,
+    /// Refused at once: `forbidden`, `limit`, `unreachable`, `rate_limited`, `invalid`.
+    Refused(FailReason),
+    /// A room send ended for every member.
+    Result(RoomTally),
+    /// The room as its owner sees it.
+    Info {
+        /// The room's owner.
+        node: NodeId,
+        /// Members.
+        members: u32,
+        /// Members with a live session.
+        online: u32,
+        /// Up to 1000 member uids, sorted.
+        uids: Vec<Arc<str>>,
+    },
+}
+
+/// What a `RoomSync` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncKind {
+    /// From a member's owner to the room's owner: these users are members.
+    ToRoomOwner,
+    /// From a room's owner to a member's owner: these users are members.
+    ToMemberOwner,
+    /// A room's old owner hands its rooms to their new owner.
+    RoomHandOver,
+    /// A user's old owner hands its memberships to their new owner.
+    UserHandOver,
 }
 
 /// A node-to-node frame.
@@ -200,6 +249,111 @@ pub enum PeerFrame {
         hops: u8,
         /// The message.
         msg: WireMessage,
+    },
+    // Rooms (added after the others: the frames above keep their bytes).
+    /// Member owner to room owner: make `uid` a member; answer `RoomReply`.
+    RoomJoin {
+        /// Request number.
+        req: u64,
+        /// The room.
+        room: Arc<str>,
+        /// The user.
+        uid: Arc<str>,
+    },
+    /// Member owner to room owner: `uid` left the room (no answer).
+    RoomLeave {
+        /// The room.
+        room: Arc<str>,
+        /// The user.
+        uid: Arc<str>,
+    },
+    /// To a user's owner (from the HTTP API's node): add or remove a membership; answer
+    /// `RoomReply`.
+    RoomMember {
+        /// Request number.
+        req: u64,
+        /// The room.
+        room: Arc<str>,
+        /// The user.
+        uid: Arc<str>,
+        /// Join (true) or leave.
+        join: bool,
+    },
+    /// To the room's owner: send `msg` (whose `to` is the room) to every member; answer
+    /// `RoomReply` with the result.
+    RoomSend {
+        /// Request number.
+        req: u64,
+        /// The message; `to` is the room.
+        msg: WireMessage,
+        /// Transient (no hold, no retry, no dedup memory).
+        transient: bool,
+        /// The sending session on the sender's node, which must not get the message.
+        except: Option<u64>,
+    },
+    /// Room owner to a member's node: deliver `msg` to these members; answer `RoomTally`
+    /// once every delivery ended.
+    RoomDeliver {
+        /// The room owner's tag.
+        tag: u64,
+        /// The message; `to` is the room.
+        msg: WireMessage,
+        /// Transient.
+        transient: bool,
+        /// The members on the receiver.
+        uids: Vec<Arc<str>>,
+        /// The sending session, when the receiver is the sender's node.
+        except: Option<u64>,
+    },
+    /// Room owner to a member's node: how many of these members have a live session; answer
+    /// `RoomTally` (`delivered` counts the online ones).
+    RoomOnline {
+        /// The room owner's tag.
+        tag: u64,
+        /// The members.
+        uids: Vec<Arc<str>>,
+    },
+    /// Answer to `RoomDeliver` and `RoomOnline`.
+    RoomTally {
+        /// Their tag.
+        tag: u64,
+        /// Outcomes; `members` is the number of uids asked about.
+        tally: RoomTally,
+    },
+    /// To the room's owner: the room's members and how many are online; answer `RoomReply`.
+    RoomQuery {
+        /// Request number.
+        req: u64,
+        /// The room.
+        room: Arc<str>,
+    },
+    /// Answer to `RoomJoin`, `RoomMember`, `RoomSend` and `RoomQuery`.
+    RoomReply {
+        /// Request number.
+        req: u64,
+        /// The answer.
+        answer: RoomAnswer,
+    },
+    /// Memberships re-announced or handed over after a ring change: `(room, uid)` pairs.
+    RoomSync {
+        /// Which side learns them.
+        kind: SyncKind,
+        /// `(room, uid)` pairs.
+        entries: Vec<(Arc<str>, Arc<str>)>,
+    },
+    /// A room message for one member, passed on to the member's owner (a `Deliver` with the
+    /// room); answered `Outcome`.
+    DeliverRoom {
+        /// Sender-chosen tag to match the outcome.
+        tag: u64,
+        /// Times the message was already forwarded.
+        hops: u8,
+        /// The message; `to` is the member.
+        msg: WireMessage,
+        /// The room.
+        room: Arc<str>,
+        /// Transient.
+        transient: bool,
     },
 }
 

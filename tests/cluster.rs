@@ -469,6 +469,8 @@ fn wire(from: &str, id: &str, to: &str) -> WireMessage {
         to: to.into(),
         body: body.into(),
         ts: 1,
+        room: None,
+        except: None,
     })
 }
 

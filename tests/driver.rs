@@ -183,6 +183,8 @@ async fn views_move_sessions_and_requests_are_answered() {
         to: Arc::from(bob.as_str()),
         body: body(),
         ts: 1,
+        room: None,
+        except: None,
     };
     n1.commands
         .send(Command::Push { msg, reply })

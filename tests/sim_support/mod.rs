@@ -983,6 +983,8 @@ impl Sim {
                 to: uid,
                 body,
                 ts: self.now / MS,
+                room: None,
+                except: None,
             };
             let req = relay.push(now, msg);
             self.requests.insert((n, inc, req), Some((id.clone(), to)));
