@@ -9,6 +9,10 @@
 //!   node delivers to its members through the engine (ack, retry, hold, dedup) and answers one
 //!   `RoomTally` when every member's delivery ended. The owner sums them into the sender's one
 //!   `room_result`. The body is shared by every member's delivery, never copied per member.
+//! - A membership whose room and user have the same owner would die with that one node: the
+//!   owner copies it to the room's successor (the next node of the room's preference list,
+//!   the one that takes the room over), which keeps it aside (`spare`) and takes it in if it
+//!   becomes the room's owner.
 //! - After a view or link change ([`Relay::rooms_changed`]), a walk of both tables finds the
 //!   entries whose other side is now another node (each entry remembers who it last told) and
 //!   queues them for that node; entries this node no longer owns are handed over. The queue
@@ -108,6 +112,8 @@ pub(super) struct RoomState {
     pub(super) rooms: Table,
     /// Users this node owns: uid -> room -> the room's owner last told.
     pub(super) users: Table,
+    /// Copies kept for rooms whose successor this node is: room -> uid -> the room's owner.
+    pub(super) spare: Table,
     waits: HashMap<u64, Wait>,
     gathers: HashMap<u64, Gather>,
     batches: HashMap<u64, Batch>,
@@ -182,9 +188,38 @@ impl Relay {
         self.rooms.rooms.inner(room)
     }
 
-    /// Memberships kept here as rooms' owner and as users' owner.
-    pub fn membership_counts(&self) -> (usize, usize) {
-        (self.rooms.rooms.len(), self.rooms.users.len())
+    /// Memberships kept here as rooms' owner, as users' owner, and as a room's successor.
+    pub fn membership_counts(&self) -> (usize, usize, usize) {
+        (
+            self.rooms.rooms.len(),
+            self.rooms.users.len(),
+            self.rooms.spare.len(),
+        )
+    }
+
+    /// The room's successor after `owner`: the next node of its preference list that is
+    /// this node or reachable.
+    fn successor(&self, room: &str, owner: &NodeId) -> Option<NodeId> {
+        let pref = self.view.ring.preference(&room_key(room));
+        let at = pref.iter().position(|n| n == owner)?;
+        pref.into_iter()
+            .skip(at + 1)
+            .find(|n| *n == self.me || self.reachable.contains(n))
+    }
+
+    /// A membership of a room owned here whose user is owned here too: copied to the room's
+    /// successor (recorded as `told`), so that this node's death does not lose it.
+    fn back_up(&mut self, now: Instant, room: &Arc<str>, uid: &Arc<str>) {
+        let me = self.me.clone();
+        let successor = self.successor(room, &me);
+        self.rooms.rooms.set_told(
+            room,
+            uid,
+            Some(successor.clone().unwrap_or_else(|| me.clone())),
+        );
+        if let Some(s) = successor {
+            self.enqueue(now, s, SyncKind::Backup, room.clone(), uid.clone());
+        }
     }
 
     /// Room requests, fan-outs and batches waiting, and memberships queued to announce.
@@ -372,6 +407,7 @@ impl Relay {
                 let answer = match self.add_member(&room, &uid, Some(me.clone())) {
                     Some(n) => {
                         self.add_user_room(&uid, &room, Some(me));
+                        self.back_up(now, &room, &uid);
                         RoomAnswer::Joined(n)
                     }
                     None => RoomAnswer::Refused(FailReason::Limit),
@@ -397,6 +433,15 @@ impl Relay {
         match self.route(&room_key(&room)) {
             Route::Local => {
                 self.rooms.rooms.remove(&room, &uid);
+                // The successor may keep a copy.
+                let me = self.me.clone();
+                if let Some(node) = self.successor(&room, &me).filter(|s| *s != me) {
+                    let frame = PeerFrame::RoomLeave {
+                        room: room.clone(),
+                        uid: uid.clone(),
+                    };
+                    self.out.push_back(Output::Peer { node, frame });
+                }
             }
             Route::Remote(node) => {
                 let frame = PeerFrame::RoomLeave {
@@ -547,6 +592,10 @@ impl Relay {
                 .is_none()
             {
                 return self.room_answer(waiter, &room, RoomAnswer::Refused(FailReason::Limit));
+            }
+            if *from_node == self.me {
+                let from = msg.from.clone();
+                self.back_up(now, &room, &from);
             }
         }
         let Some(members) = self.rooms.rooms.entries_of(&room) else {
@@ -786,6 +835,7 @@ impl Relay {
             }
             PeerFrame::RoomLeave { room, uid } => {
                 self.rooms.rooms.remove(&room, &uid);
+                self.rooms.spare.remove(&room, &uid);
             }
             PeerFrame::RoomMember {
                 req,
@@ -923,9 +973,25 @@ impl Relay {
                         _ => target_of(self.route(&uid), &self.me),
                     };
                     elsewhere |= self.route(&room_key(&room)) != Route::Local;
+                    let mine = told.as_ref() == Some(&self.me);
                     if self.add_member(&room, &uid, told).is_none() {
                         tracing::warn!(%room, %uid, "re-announced membership over the limits");
+                    } else if mine {
+                        self.back_up(now, &room, &uid);
                     }
+                }
+                SyncKind::Backup => {
+                    let max = self.cfg.max_room_memberships;
+                    if self
+                        .rooms
+                        .spare
+                        .add(&room, &uid, Some(from.clone()), usize::MAX, max)
+                        .is_none()
+                    {
+                        tracing::warn!(%room, %uid, "membership copy not kept: limits.max_room_memberships reached");
+                    }
+                    // This node may be the room's owner already (its owner died meanwhile).
+                    elsewhere |= self.route(&room_key(&room)) == Route::Local;
                 }
                 SyncKind::ToMemberOwner | SyncKind::UserHandOver => {
                     let told = match kind {
@@ -1022,7 +1088,7 @@ impl Relay {
                     }
                     self.rooms_changed(now);
                 }
-                SyncKind::ToMemberOwner => {
+                SyncKind::ToMemberOwner | SyncKind::Backup => {
                     for (room, uid) in entries {
                         self.rooms.rooms.set_told(&room, &uid, None);
                     }
@@ -1088,9 +1154,10 @@ impl Relay {
 
     /// The view or a link changed: the tables are walked shortly.
     pub(super) fn rooms_changed(&mut self, now: Instant) {
-        if self.rooms.sync_due.is_none()
-            && !(self.rooms.rooms.is_empty() && self.rooms.users.is_empty())
-        {
+        let empty = self.rooms.rooms.is_empty()
+            && self.rooms.users.is_empty()
+            && self.rooms.spare.is_empty();
+        if self.rooms.sync_due.is_none() && !empty {
             self.rooms.sync_due = Some(now + SYNC_SETTLE);
         }
     }
@@ -1120,6 +1187,27 @@ impl Relay {
         let stale = |told: &Option<NodeId>, target: &NodeId| {
             told.as_ref() != Some(target) || resync.contains(target)
         };
+        // Copies: taken in by a new owner, kept by the successor, handed to the owner now.
+        for room in self.rooms.spare.outer_keys() {
+            let Some(owner) = target_of(self.route(&room_key(&room)), &me) else {
+                continue;
+            };
+            if owner == me {
+                for uid in self.rooms.spare.take(&room) {
+                    self.add_member(&room, &uid, None);
+                }
+            } else if self.successor(&room, &owner).as_ref() != Some(&me) {
+                for uid in self.rooms.spare.take(&room) {
+                    self.enqueue(
+                        now,
+                        owner.clone(),
+                        SyncKind::RoomHandOver,
+                        room.clone(),
+                        uid,
+                    );
+                }
+            }
+        }
         for uid in self.rooms.users.outer_keys() {
             let Some(owner) = target_of(self.route(&uid), &me) else {
                 continue;
@@ -1179,16 +1267,25 @@ impl Relay {
                 .entries_of(&room)
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
+            let successor = self.successor(&room, &me);
             for (uid, told) in sorted(entries) {
                 let Some(target) = target_of(self.route(&uid), &me) else {
                     continue;
                 };
-                if !stale(&told, &target) {
+                // A user owned here too: the copy goes to the room's successor.
+                let tell = match &successor {
+                    Some(s) if target == me => s.clone(),
+                    _ => target.clone(),
+                };
+                if !stale(&told, &tell) {
                     continue;
                 }
-                self.rooms.rooms.set_told(&room, &uid, Some(target.clone()));
+                self.rooms.rooms.set_told(&room, &uid, Some(tell.clone()));
                 if target == me {
                     self.add_user_room(&uid, &room, Some(me.clone()));
+                    if tell != me {
+                        self.enqueue(now, tell, SyncKind::Backup, room.clone(), uid);
+                    }
                 } else {
                     self.enqueue(now, target, SyncKind::ToMemberOwner, room.clone(), uid);
                 }
@@ -1230,7 +1327,10 @@ impl Relay {
                 match target_of(self.route(&room_key(&room)), &me) {
                     Some(n) if n == me => {
                         let told = target_of(self.route(&uid), &me);
-                        self.add_member(&room, &uid, told);
+                        let mine = told.as_ref() == Some(&me);
+                        if self.add_member(&room, &uid, told).is_some() && mine {
+                            self.back_up(now, &room, &uid);
+                        }
                     }
                     Some(n) => self.enqueue(now, n, SyncKind::RoomHandOver, room, uid),
                     None => {
@@ -1238,7 +1338,7 @@ impl Relay {
                     }
                 }
             }
-            SyncKind::UserHandOver | SyncKind::ToMemberOwner => {
+            SyncKind::UserHandOver | SyncKind::ToMemberOwner | SyncKind::Backup => {
                 match target_of(self.route(&uid), &me) {
                     Some(n) if n == me => {
                         let told = target_of(self.route(&room_key(&room)), &me);
@@ -1285,11 +1385,16 @@ impl Relay {
                 // redone by the walk that follows the change; hand-overs go to the new owner.
                 let mut valid = Vec::with_capacity(entries.len());
                 for (room, uid) in entries {
-                    let key = match kind {
-                        SyncKind::ToRoomOwner | SyncKind::RoomHandOver => room_key(&room),
-                        SyncKind::ToMemberOwner | SyncKind::UserHandOver => uid.to_string(),
+                    let target = match kind {
+                        SyncKind::ToRoomOwner | SyncKind::RoomHandOver => {
+                            target_of(self.route(&room_key(&room)), &me)
+                        }
+                        SyncKind::ToMemberOwner | SyncKind::UserHandOver => {
+                            target_of(self.route(&uid), &me)
+                        }
+                        SyncKind::Backup => self.successor(&room, &me),
                     };
-                    if target_of(self.route(&key), &me).as_ref() == Some(&node) {
+                    if target.as_ref() == Some(&node) {
                         valid.push((room, uid));
                     } else if matches!(kind, SyncKind::RoomHandOver | SyncKind::UserHandOver) {
                         self.hand_over_entry(now, kind, room, uid);
@@ -1317,8 +1422,9 @@ impl Relay {
         let m = &self.metrics;
         m.room_members.set(self.rooms.rooms.len() as i64);
         m.user_rooms.set(self.rooms.users.len() as i64);
-        m.room_state_bytes
-            .set((self.rooms.rooms.bytes() + self.rooms.users.bytes()) as i64);
+        m.room_state_bytes.set(
+            (self.rooms.rooms.bytes() + self.rooms.users.bytes() + self.rooms.spare.bytes()) as i64,
+        );
         m.room_pending.set(
             (self.rooms.waits.len() + self.rooms.gathers.len() + self.rooms.batches.len()) as i64,
         );

@@ -181,6 +181,9 @@ pub enum SyncKind {
     RoomHandOver,
     /// A user's old owner hands its memberships to their new owner.
     UserHandOver,
+    /// From a room's owner to the room's successor (the next node of its preference list):
+    /// memberships whose user it owns too, which no other node would know if it died.
+    Backup,
 }
 
 /// A node-to-node frame.

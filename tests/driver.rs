@@ -73,6 +73,13 @@ impl TestNode {
             outbox,
         };
         self.commands.send(open).await.unwrap();
+        // The driver queues `welcome` first, with the user's rooms.
+        match next_frame(&frames).await {
+            ServerFrame::Welcome { uid: u, rooms, .. } => {
+                assert_eq!((u.as_str(), rooms.len()), (uid, 0));
+            }
+            other => panic!("expected welcome, got {other:?}"),
+        }
         (session, frames, end)
     }
 

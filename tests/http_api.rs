@@ -471,7 +471,7 @@ async fn options_preflight_answers_204_on_any_path() {
         let h = resp.headers();
         assert_eq!(h["access-control-allow-origin"], "*", "{path}");
         assert_eq!(
-            h["access-control-allow-methods"], "GET, POST, OPTIONS",
+            h["access-control-allow-methods"], "GET, POST, DELETE, OPTIONS",
             "{path}"
         );
         let allow = h["access-control-allow-headers"]

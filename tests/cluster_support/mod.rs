@@ -206,6 +206,8 @@ pub struct Client {
     pub uid: String,
     pub node: String,
     pub token: String,
+    /// The `welcome` frame.
+    pub welcome: Value,
     ws: Ws,
 }
 
@@ -228,9 +230,11 @@ impl Client {
             uid: String::new(),
             node: String::new(),
             token: token.to_string(),
+            welcome: Value::Null,
             ws,
         };
         let w = c.expect("welcome").await;
+        c.welcome = w.clone();
         c.uid = w["uid"].as_str().unwrap().to_string();
         c.node = w["node"].as_str().unwrap().to_string();
         c
