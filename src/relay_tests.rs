@@ -1,6 +1,7 @@
 //! Unit tests of the relay: one core at a time, fed by hand, no sockets and no sleeps.
 
 use super::*;
+use crate::engine::RoomTally;
 
 fn t0() -> Instant {
     Instant::now()
@@ -439,4 +440,273 @@ fn pushes_answer_their_request() {
     let out = drain(&mut r);
     assert!(out.iter().any(|o| matches!(o, Output::Answer { req, answer: Answer::Outcome(Outcome::Delivered) } if *req == first)));
     assert_eq!(r.request_count(), 0);
+}
+
+// ----- rooms -------------------------------------------------------------------------------
+
+fn body_of(s: &str) -> Body {
+    Arc::from(serde_json::value::RawValue::from_string(s.into()).unwrap())
+}
+
+fn room_msg(from: &str, id: &str, room: &str) -> Message {
+    Message {
+        room: Some(Arc::from(room)),
+        ..Message::direct(from, id, room, body_of("{\"big\":\"body\"}"), 1)
+    }
+}
+
+/// A room whose ring key lands on `node` first.
+fn room_on(v: &View, node: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("room{i}"))
+        .find(|r| {
+            v.ring
+                .primary(&crate::rooms::room_key(r))
+                .is_some_and(|p| &**p == node)
+        })
+        .expect("some room lands there")
+}
+
+/// A relay `me` of a cluster of `ids`, every link up.
+fn cluster_relay(me: &str, ids: &[&str], cfg: RelayConfig) -> (Relay, Arc<View>) {
+    let now = t0();
+    let v = view(ids);
+    let mut r = relay(me, cfg);
+    r.handle_view(now, v.clone());
+    for id in ids.iter().filter(|id| **id != me) {
+        r.handle_link(now, LinkEvent::Up(Arc::from(*id)));
+    }
+    drain(&mut r);
+    (r, v)
+}
+
+/// Members announced to the room's owner by their owners, as after a ring change.
+fn announce(r: &mut Relay, now: Instant, v: &View, room: &str, uids: &[String]) {
+    for uid in uids {
+        let from = v.ring.primary(uid).unwrap().clone();
+        let frame = PeerFrame::RoomSync {
+            kind: crate::wire::SyncKind::ToRoomOwner,
+            entries: vec![(Arc::from(room), Arc::from(uid.as_str()))],
+        };
+        r.handle_link(now, LinkEvent::Frame { from, frame });
+    }
+}
+
+/// The room's owner sends ONE frame to each node with members (the body shared), delivers
+/// its own members itself, and sums the nodes' tallies into one result.
+#[test]
+fn a_room_send_is_one_frame_per_node_and_one_result() {
+    let now = t0();
+    let (mut r, v) = cluster_relay("n1", &["n1", "n2", "n3"], RelayConfig::default());
+    let room = room_on(&v, "n1");
+    let uids: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    announce(&mut r, now, &v, &room, &uids);
+    drain(&mut r);
+    assert_eq!(r.members_of(&room).len(), 300);
+    let req = r.room_push(now, room_msg("$system", "p1", &room));
+    let out = drain(&mut r);
+    let frames = peer_frames(&out);
+    let delivers: Vec<(&str, usize)> = frames
+        .iter()
+        .filter_map(|(n, f)| match f {
+            PeerFrame::RoomDeliver { uids, .. } => Some((*n, uids.len())),
+            _ => None,
+        })
+        .collect();
+    let on = |n: &str| {
+        uids.iter()
+            .filter(|u| &**v.ring.primary(u).unwrap() == n)
+            .count()
+    };
+    let mut expected = vec![("n2", on("n2")), ("n3", on("n3"))];
+    expected.retain(|(_, k)| *k > 0);
+    assert_eq!(delivers, expected, "one frame per node, with its members");
+    assert_eq!(
+        r.engine().deliveries_in_flight(),
+        on("n1"),
+        "local members here"
+    );
+    // The nodes answer; the local members are held, then offline.
+    let tag = match frames[0].1 {
+        PeerFrame::RoomDeliver { tag, .. } => *tag,
+        _ => unreachable!(),
+    };
+    for (node, n) in &expected {
+        let tally = RoomTally {
+            members: *n as u32,
+            delivered: *n as u32,
+            ..RoomTally::default()
+        };
+        let frame = PeerFrame::RoomTally { tag, tally };
+        r.handle_link(
+            now,
+            LinkEvent::Frame {
+                from: Arc::from(*node),
+                frame,
+            },
+        );
+    }
+    assert!(
+        drain(&mut r).is_empty(),
+        "not before the local members ended"
+    );
+    let later = now + r.config().engine.hold + Duration::from_millis(1);
+    r.handle_timeout(later);
+    let out = drain(&mut r);
+    let answers: Vec<&Answer> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Answer { req: q, answer } if *q == req => Some(answer),
+            _ => None,
+        })
+        .collect();
+    let want = RoomTally {
+        members: 300,
+        delivered: (300 - on("n1")) as u32,
+        offline: on("n1") as u32,
+        failed: 0,
+    };
+    assert_eq!(answers, vec![&Answer::Room(RoomAnswer::Result(want))]);
+}
+
+/// A node's tally that never comes: its link going down counts its members failed, and the
+/// result still comes, once.
+#[test]
+fn a_member_node_lost_mid_fan_out_counts_its_members_failed() {
+    let now = t0();
+    let (mut r, v) = cluster_relay("n1", &["n1", "n2"], RelayConfig::default());
+    let room = room_on(&v, "n1");
+    let theirs: Vec<String> = (0..50)
+        .map(|i| format!("m{i}"))
+        .filter(|u| &**v.ring.primary(u).unwrap() == "n2")
+        .collect();
+    announce(&mut r, now, &v, &room, &theirs);
+    drain(&mut r);
+    let req = r.room_push(now, room_msg("$system", "p1", &room));
+    drain(&mut r);
+    r.handle_link(now, LinkEvent::Down(Arc::from("n2")));
+    let out = drain(&mut r);
+    let n = theirs.len() as u32;
+    assert!(out.iter().any(|o| matches!(o,
+        Output::Answer { req: q, answer: Answer::Room(RoomAnswer::Result(t)) }
+            if *q == req && t.members == n && t.failed == n)));
+}
+
+/// After the room's owner dies, the member's owner announces its memberships to the new
+/// owner, at no more than `room_sync_per_second`, and all of them in the end.
+#[test]
+fn memberships_are_reannounced_to_a_new_owner_at_a_bounded_rate() {
+    let cfg = RelayConfig {
+        room_sync_per_second: 2000,
+        ..RelayConfig::default()
+    };
+    let now = t0();
+    let (mut r, v) = cluster_relay("n1", &["n1", "n2", "n3"], cfg);
+    // Users of n1 in rooms of n2, each joined through n2.
+    let users: Vec<String> = (0..20_000)
+        .map(|i| format!("u{i}"))
+        .filter(|u| &**v.ring.primary(u).unwrap() == "n1")
+        .take(500)
+        .collect();
+    let rooms: Vec<String> = (0..10_000)
+        .map(|i| format!("room{i}"))
+        .filter(|x| &**v.ring.primary(&crate::rooms::room_key(x)).unwrap() == "n2")
+        .take(20)
+        .collect();
+    for (i, uid) in users.iter().enumerate() {
+        r.handle_client(
+            now,
+            ClientEvent::Open {
+                session: i as u64 + 1,
+                uid: Arc::from(uid.as_str()),
+                iat: 0,
+                revoked: false,
+            },
+        );
+        for room in &rooms {
+            r.handle_client(
+                now,
+                ClientEvent::Join {
+                    session: i as u64 + 1,
+                    room: room.clone(),
+                    id: None,
+                    join: true,
+                },
+            );
+        }
+    }
+    // n2 accepts every join.
+    for o in drain(&mut r) {
+        if let Output::Peer {
+            frame: PeerFrame::RoomJoin { req, .. },
+            ..
+        } = o
+        {
+            let frame = PeerFrame::RoomReply {
+                req,
+                answer: RoomAnswer::Joined(1),
+            };
+            r.handle_link(
+                now,
+                LinkEvent::Frame {
+                    from: Arc::from("n2"),
+                    frame,
+                },
+            );
+        }
+    }
+    drain(&mut r);
+    let total = users.len() * rooms.len();
+    assert_eq!(r.membership_counts().1, total);
+    // n2 dies: its rooms go to n1 or n3.
+    r.handle_view(now, view(&["n1", "n3"]));
+    let mut sent = HashMap::new();
+    let mut by_second = Vec::new();
+    for step in 0..200 {
+        r.handle_timeout(now + Duration::from_millis(50 * step));
+        let mut n = 0;
+        for o in drain(&mut r) {
+            if let Output::Peer {
+                node,
+                frame: PeerFrame::RoomSync { entries, kind },
+            } = o
+            {
+                assert_eq!(&*node, "n3");
+                *sent.entry(kind).or_insert(0usize) += entries.len();
+                n += entries.len();
+            }
+        }
+        by_second.push(n);
+    }
+    let to_n3 = rooms
+        .iter()
+        .filter(|x| {
+            &**view(&["n1", "n3"])
+                .ring
+                .primary(&crate::rooms::room_key(x))
+                .unwrap()
+                == "n3"
+        })
+        .count()
+        * users.len();
+    use crate::wire::SyncKind;
+    assert_eq!(
+        sent.get(&SyncKind::ToRoomOwner).copied().unwrap_or(0),
+        to_n3,
+        "every membership of a room now on n3 is announced once"
+    );
+    assert_eq!(
+        sent.get(&SyncKind::Backup).copied().unwrap_or(0),
+        total - to_n3,
+        "rooms taken over here are copied to their successor, n3"
+    );
+    // Never more than the burst (a tenth of the rate, or a frame) plus the rate per second.
+    for w in by_second.windows(20) {
+        let s: usize = w.iter().sum();
+        assert!(s <= 2000 + 1024, "{s} in one second");
+    }
+
+    // Rooms now on n1 itself are taken in here (and copied to their successor n3).
+    assert_eq!(r.membership_counts().0, total - to_n3);
+    assert_eq!(r.status().rooms, 0, "nothing left to announce");
 }

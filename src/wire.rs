@@ -171,7 +171,7 @@ pub enum RoomAnswer {
 }
 
 /// What a `RoomSync` carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SyncKind {
     /// From a member's owner to the room's owner: these users are members.
     ToRoomOwner,
