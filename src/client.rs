@@ -7,6 +7,10 @@
 //! messages are deduplicated by `(from, id)` before the application sees them, and acked once
 //! the application's channel has taken them.
 //!
+//! Rooms: [`Client::join`], [`Client::leave`] and [`Client::send_room`]. The client remembers
+//! the rooms it joined; after a reconnect, a room that the session's `welcome.rooms` lacks is
+//! joined again (belt and braces: the cluster keeps memberships through node failures).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), imgate::client::ClientError> {
 //! use imgate::client::{Client, ClientConfig};
@@ -20,7 +24,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -146,9 +150,44 @@ pub enum SendOutcome {
     Failed(FailReason),
 }
 
+/// How a room send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomSendOutcome {
+    /// Every member's delivery ended (the `room_result` frame).
+    Done {
+        /// Members it went to.
+        members: u32,
+        /// Members with a device that acked.
+        delivered: u32,
+        /// Members with no session within the hold time.
+        offline: u32,
+        /// Members whose delivery failed otherwise.
+        failed: u32,
+    },
+    /// Refused at once: `forbidden` (not a member), `invalid`, `too_large`, `rate_limited`,
+    /// `unreachable`.
+    Failed(FailReason),
+}
+
+/// How a `join` or `leave` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// A member now; the room's member count.
+    Joined {
+        /// Members of the room.
+        members: u32,
+    },
+    /// Not a member (any more).
+    Left,
+    /// Refused: `limit`, `invalid`, `unreachable`.
+    Failed(FailReason),
+}
+
 /// A message for the application.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Incoming {
+    /// The room, for a room message.
+    pub room: Option<String>,
     /// Sender uid.
     pub from: String,
     /// Sender's message id.
@@ -184,11 +223,107 @@ pub enum Event {
 enum Cmd {
     Send {
         id: String,
-        to: String,
+        target: Target,
         body: Value,
         transient: bool,
-        reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
+        reply: Reply,
     },
+    Join {
+        room: String,
+        join: bool,
+        reply: oneshot::Sender<Result<Membership, ClientError>>,
+    },
+}
+
+/// Where a send goes.
+#[derive(Debug, Clone)]
+enum Target {
+    User(String),
+    Room(String),
+}
+
+/// Where a send's outcome goes.
+enum Reply {
+    Direct(oneshot::Sender<Result<SendOutcome, ClientError>>),
+    Room(oneshot::Sender<Result<RoomSendOutcome, ClientError>>),
+}
+
+impl Reply {
+    fn failed(self, reason: FailReason) {
+        match self {
+            Reply::Direct(tx) => drop(tx.send(Ok(SendOutcome::Failed(reason)))),
+            Reply::Room(tx) => drop(tx.send(Ok(RoomSendOutcome::Failed(reason)))),
+        }
+    }
+
+    fn delivered(self) {
+        if let Reply::Direct(tx) = self {
+            let _ = tx.send(Ok(SendOutcome::Delivered));
+        }
+    }
+
+    fn done(self, f: &Value) {
+        let n = |k: &str| u32::try_from(f[k].as_u64().unwrap_or(0)).unwrap_or(u32::MAX);
+        if let Reply::Room(tx) = self {
+            let _ = tx.send(Ok(RoomSendOutcome::Done {
+                members: n("members"),
+                delivered: n("delivered"),
+                offline: n("offline"),
+                failed: n("failed"),
+            }));
+        }
+    }
+
+    fn error(self, e: ClientError) {
+        match self {
+            Reply::Direct(tx) => drop(tx.send(Err(e))),
+            Reply::Room(tx) => drop(tx.send(Err(e))),
+        }
+    }
+
+    fn too_many(self) {
+        self.error(ClientError::TooManyPending)
+    }
+}
+
+/// A room send in flight; resolves to its outcome.
+#[derive(Debug)]
+pub struct PendingRoomSend {
+    id: String,
+    rx: oneshot::Receiver<Result<RoomSendOutcome, ClientError>>,
+}
+
+impl PendingRoomSend {
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Future for PendingRoomSend {
+    type Output = Result<RoomSendOutcome, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
+/// A `join` or `leave` in flight; resolves to its answer.
+#[derive(Debug)]
+pub struct PendingMembership {
+    rx: oneshot::Receiver<Result<Membership, ClientError>>,
+}
+
+impl Future for PendingMembership {
+    type Output = Result<Membership, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
 }
 
 /// A send in flight; resolves to its outcome.
@@ -234,6 +369,8 @@ pub struct ClientStats {
     pub duplicates: std::sync::atomic::AtomicU64,
     /// Sessions welcomed (the first included).
     pub sessions: std::sync::atomic::AtomicU64,
+    /// Rooms joined again after a reconnect because `welcome.rooms` lacked them.
+    pub rejoined: std::sync::atomic::AtomicU64,
 }
 
 fn bump(c: &std::sync::atomic::AtomicU64) {
@@ -295,7 +432,72 @@ impl Client {
         to: &str,
         body: Value,
     ) -> Result<PendingSend, ClientError> {
-        self.queue(id, to, body, false)
+        crate::uid::validate_uid(to).map_err(ClientError::Invalid)?;
+        let (reply, rx) = oneshot::channel();
+        self.queue(
+            id,
+            Target::User(to.to_string()),
+            body,
+            false,
+            Reply::Direct(reply),
+        )?;
+        Ok(PendingSend {
+            id: id.to_string(),
+            rx,
+        })
+    }
+
+    /// Sends `body` to every member of `room` (this user must be one), with a fresh id; the
+    /// future resolves to the `room_result` once every member's delivery ended.
+    ///
+    /// # Errors
+    /// As [`Client::send`].
+    pub fn send_room(&self, room: &str, body: Value) -> Result<PendingRoomSend, ClientError> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{n}", self.prefix);
+        crate::uid::validate_uid(room).map_err(ClientError::Invalid)?;
+        let (reply, rx) = oneshot::channel();
+        self.queue(
+            &id,
+            Target::Room(room.to_string()),
+            body,
+            false,
+            Reply::Room(reply),
+        )?;
+        Ok(PendingRoomSend { id, rx })
+    }
+
+    /// Makes this user a member of `room` (all its devices, now and later).
+    ///
+    /// # Errors
+    /// [`ClientError::Invalid`] for a bad room id; as [`Client::send`] otherwise.
+    pub fn join(&self, room: &str) -> Result<PendingMembership, ClientError> {
+        self.membership(room, true)
+    }
+
+    /// Ends this user's membership of `room` (answered `Left` even if it was none).
+    ///
+    /// # Errors
+    /// As [`Client::join`].
+    pub fn leave(&self, room: &str) -> Result<PendingMembership, ClientError> {
+        self.membership(room, false)
+    }
+
+    fn membership(&self, room: &str, join: bool) -> Result<PendingMembership, ClientError> {
+        crate::uid::validate_uid(room).map_err(ClientError::Invalid)?;
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Join {
+            room: room.to_string(),
+            join,
+            reply,
+        };
+        self.cmd.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ClientError::TooManyPending,
+            mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
+        })?;
+        Ok(PendingMembership { rx })
     }
 
     /// Sends a transient message (a typing indicator, a read receipt): the node pushes it once
@@ -309,24 +511,33 @@ impl Client {
         let n = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.queue(&format!("{}-{n}", self.prefix), to, body, true)
+        let id = format!("{}-{n}", self.prefix);
+        crate::uid::validate_uid(to).map_err(ClientError::Invalid)?;
+        let (reply, rx) = oneshot::channel();
+        self.queue(
+            &id,
+            Target::User(to.to_string()),
+            body,
+            true,
+            Reply::Direct(reply),
+        )?;
+        Ok(PendingSend { id, rx })
     }
 
     fn queue(
         &self,
         id: &str,
-        to: &str,
+        target: Target,
         body: Value,
         transient: bool,
-    ) -> Result<PendingSend, ClientError> {
+        reply: Reply,
+    ) -> Result<(), ClientError> {
         if id.is_empty() || id.len() > crate::protocol::MAX_ID_BYTES {
             return Err(ClientError::Invalid("id must be 1 to 64 bytes"));
         }
-        crate::uid::validate_uid(to).map_err(ClientError::Invalid)?;
-        let (reply, rx) = oneshot::channel();
         let cmd = Cmd::Send {
             id: id.to_string(),
-            to: to.to_string(),
+            target,
             body,
             transient,
             reply,
@@ -334,35 +545,25 @@ impl Client {
         self.cmd.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ClientError::TooManyPending,
             mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
-        })?;
-        Ok(PendingSend {
-            id: id.to_string(),
-            rx,
         })
     }
 }
 
 struct Pending {
     id: String,
-    to: String,
+    target: Target,
     body: Value,
     transient: bool,
     attempts: u32,
     written: Instant,
-    reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
+    reply: Reply,
 }
 
 impl Pending {
-    fn new(
-        id: String,
-        to: String,
-        body: Value,
-        transient: bool,
-        reply: oneshot::Sender<Result<SendOutcome, ClientError>>,
-    ) -> Pending {
+    fn new(id: String, target: Target, body: Value, transient: bool, reply: Reply) -> Pending {
         Pending {
             id,
-            to,
+            target,
             body,
             transient,
             attempts: 1,
@@ -380,9 +581,12 @@ impl Pending {
     /// Tells `cfg.attempts` how this attempt ended.
     fn report(&self, cfg: &ClientConfig, outcome: SendOutcome) {
         if let Some(tx) = &cfg.attempts {
+            let to = match &self.target {
+                Target::User(u) | Target::Room(u) => u.clone(),
+            };
             let _ = tx.send(Attempt {
                 id: self.id.clone(),
-                to: self.to.clone(),
+                to,
                 number: self.attempts,
                 outcome,
                 written: self.written,
@@ -476,7 +680,10 @@ impl Seen {
 }
 
 fn send_frame(p: &Pending) -> WsMessage {
-    let mut f = json!({"type": "send", "id": p.id, "to": p.to, "body": p.body});
+    let mut f = match &p.target {
+        Target::User(to) => json!({"type": "send", "id": p.id, "to": to, "body": p.body}),
+        Target::Room(room) => json!({"type": "send", "id": p.id, "room": room, "body": p.body}),
+    };
     if p.transient {
         f["transient"] = Value::Bool(true);
     }
@@ -490,11 +697,52 @@ fn retryable(reason: FailReason) -> bool {
     )
 }
 
+/// A `join` or `leave` waiting for its answer.
+struct Join {
+    room: String,
+    join: bool,
+    reply: oneshot::Sender<Result<Membership, ClientError>>,
+}
+
+fn join_frame(id: &str, j: &Join) -> WsMessage {
+    let ty = if j.join { "join" } else { "leave" };
+    WsMessage::Text(
+        json!({"type": ty, "room": j.room, "id": id})
+            .to_string()
+            .into(),
+    )
+}
+
 /// What the client task keeps across sessions.
 struct State {
     pending: PendingSet,
     seen: Seen,
     stats: std::sync::Arc<ClientStats>,
+    /// Joins and leaves waiting for their answer, by frame id.
+    joins: BTreeMap<String, Join>,
+    next_join: u64,
+    /// `join` frames to write after this welcome.
+    rejoin: Vec<WsMessage>,
+    /// The rooms this user joined (or was told of by `welcome`), for the re-join check.
+    rooms: BTreeSet<String>,
+}
+
+impl State {
+    /// Registers a join or leave; its frame, or `None` when too many wait (answered).
+    fn join(&mut self, cfg: &ClientConfig, j: Join) -> Option<WsMessage> {
+        if self.joins.len() >= cfg.max_pending {
+            let _ = j.reply.send(Err(ClientError::TooManyPending));
+            return None;
+        }
+        if !j.join {
+            self.rooms.remove(&j.room);
+        }
+        let id = format!("{}-j{}", cfg.id_prefix, self.next_join);
+        self.next_join += 1;
+        let frame = join_frame(&id, &j);
+        self.joins.insert(id, j);
+        Some(frame)
+    }
 }
 
 struct Login {
@@ -619,6 +867,10 @@ async fn run(
             cap: cfg.dedup_capacity.max(1),
         },
         stats,
+        joins: BTreeMap::new(),
+        next_join: 0,
+        rejoin: Vec::new(),
+        rooms: BTreeSet::new(),
     };
     let mut session: Option<Login> = None;
     let mut backoff = cfg.min_backoff;
@@ -635,7 +887,7 @@ async fn run(
             start = start.wrapping_add(1);
         }
         let Some(s) = &session else {
-            if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
+            if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st).await {
                 return;
             }
             continue;
@@ -647,7 +899,7 @@ async fn run(
             Ok(Ok(ws)) => ws,
             _ => {
                 session = None; // the owner may be gone: ask a node again
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st).await {
                     return;
                 }
                 continue;
@@ -662,6 +914,7 @@ async fn run(
             Some("welcome") => {
                 moves = 0;
                 bump(&st.stats.sessions);
+                rejoin_check(&mut st, &first);
                 let _ = events.try_send(Event::Connected {
                     node: first["node"].as_str().unwrap_or("").to_string(),
                     session: first["session"].as_str().unwrap_or("").to_string(),
@@ -679,14 +932,14 @@ async fn run(
                     continue;
                 }
                 session = None;
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st).await {
                     return;
                 }
                 continue;
             }
             _ => {
                 session = None;
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st).await {
                     return;
                 }
                 continue;
@@ -696,11 +949,22 @@ async fn run(
         // 3. Resend everything without an outcome, in order, with the same ids; transient sends
         //    are not sent again (their outcome is unknown).
         for p in st.pending.take_transient() {
-            let _ = p
-                .reply
-                .send(Ok(SendOutcome::Failed(FailReason::Unreachable)));
+            p.reply.failed(FailReason::Unreachable);
         }
         let mut ok = true;
+        // Joins and leaves without an answer (idempotent), and rooms the welcome lacked.
+        let frames: Vec<WsMessage> = st
+            .joins
+            .iter()
+            .map(|(id, j)| join_frame(id, j))
+            .chain(st.rejoin.drain(..))
+            .collect();
+        for f in frames {
+            if ws.feed(f).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
         for p in st.pending.by_order.values_mut() {
             bump(&st.stats.resent);
             if ws.feed(p.frame()).await.is_err() {
@@ -737,12 +1001,43 @@ async fn run(
             Ended::Reconnect(reason) => {
                 let _ = events.try_send(Event::Disconnected { reason });
                 session = None;
-                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st.pending).await {
+                if !wait_backoff(&mut backoff, &cfg, &mut cmds, &mut st).await {
                     return;
                 }
             }
         }
     }
+}
+
+/// Compares the session's `welcome.rooms` with the rooms this client joined: the ones it lacks
+/// are joined again (frames in `st.rejoin`), the ones it lists are remembered.
+fn rejoin_check(st: &mut State, welcome: &Value) {
+    let listed: BTreeSet<String> = welcome["rooms"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let leaving: HashSet<&str> = st
+        .joins
+        .values()
+        .filter(|j| !j.join)
+        .map(|j| j.room.as_str())
+        .collect();
+    st.rejoin.clear();
+    for room in st.rooms.difference(&listed) {
+        tracing::info!(%room, "welcome lacks a joined room; joining again");
+        bump(&st.stats.rejoined);
+        let f = json!({"type": "join", "room": room});
+        st.rejoin.push(WsMessage::Text(f.to_string().into()));
+    }
+    let fresh: Vec<String> = listed
+        .into_iter()
+        .filter(|r| !leaving.contains(r.as_str()))
+        .collect();
+    st.rooms.extend(fresh);
 }
 
 enum Ended {
@@ -763,11 +1058,6 @@ async fn serve(
     st: &mut State,
     session: &mut Option<Login>,
 ) -> Ended {
-    let State {
-        pending,
-        seen,
-        stats,
-    } = st;
     let mut ping = tokio::time::interval_at(Instant::now() + cfg.ping_interval, cfg.ping_interval);
     let mut last_heard = Instant::now();
     // A new token before this one expires: logged in on a task, so that the session goes on
@@ -806,15 +1096,26 @@ async fn serve(
                     None => refresh.as_mut().reset(Instant::now() + cfg.max_backoff),
                 }
             }
-            cmd = cmds.recv() => {
-                let Some(Cmd::Send { id, to, body, transient, reply }) = cmd else { return Ended::Stop };
-                if pending.len() >= cfg.max_pending {
-                    let _ = reply.send(Err(ClientError::TooManyPending));
-                    continue;
-                }
-                let mut p = Pending::new(id, to, body, transient, reply);
-                let frame = p.frame();
-                pending.insert(p);
+                        cmd = cmds.recv() => {
+                let frame = match cmd {
+                    None => return Ended::Stop,
+                    Some(Cmd::Join { room, join, reply }) => {
+                        match st.join(cfg, Join { room, join, reply }) {
+                            Some(f) => f,
+                            None => continue,
+                        }
+                    }
+                    Some(Cmd::Send { id, target, body, transient, reply }) => {
+                        if st.pending.len() >= cfg.max_pending {
+                            reply.too_many();
+                            continue;
+                        }
+                        let mut p = Pending::new(id, target, body, transient, reply);
+                        let frame = p.frame();
+                        st.pending.insert(p);
+                        frame
+                    }
+                };
                 if ws.send(frame).await.is_err() {
                     return Ended::Reconnect("write failed".into());
                 }
@@ -847,10 +1148,16 @@ async fn serve(
                     Some("msg") => {
                         let from = f["from"].as_str().unwrap_or("").to_string();
                         let id = f["id"].as_str().unwrap_or("").to_string();
-                        if !seen.insert((from.clone(), id.clone())) {
-                            bump(&stats.duplicates);
+                        if !st.seen.insert((from.clone(), id.clone())) {
+                            bump(&st.stats.duplicates);
                         } else {
-                            let m = Incoming { from, id, body: f["body"].clone(), ts: f["ts"].as_u64().unwrap_or(0) };
+                                                        let m = Incoming {
+                                room: f["room"].as_str().map(String::from),
+                                from,
+                                id,
+                                body: f["body"].clone(),
+                                ts: f["ts"].as_u64().unwrap_or(0),
+                            };
                             if incoming.send(m).await.is_err() {
                                 return Ended::Stop;
                             }
@@ -861,36 +1168,67 @@ async fn serve(
                         }
                     }
                     Some("delivered") => {
-                        if let Some(p) = f["id"].as_str().and_then(|id| pending.take(id)) {
-                            p.report(cfg, SendOutcome::Delivered);
-                            let _ = p.reply.send(Ok(SendOutcome::Delivered));
+                        if let Some(p) = f["id"].as_str().and_then(|id| st.pending.take(id)) {
+                                                        p.report(cfg, SendOutcome::Delivered);
+                            p.reply.delivered();
                         }
+                    }
+                    Some("room_result") => {
+                        if let Some(p) = f["id"].as_str().and_then(|id| st.pending.take(id)) {
+                            p.reply.done(&f);
+                        }
+                    }
+                                        Some(ty @ ("joined" | "left")) => {
+                        // Without an id: another device of this user, or the backend, changed it.
+                        let Some(j) = f["id"].as_str().and_then(|id| st.joins.remove(id)) else {
+                            if let Some(room) = f["room"].as_str() {
+                                if ty == "joined" {
+                                    st.rooms.insert(room.to_string());
+                                } else {
+                                    st.rooms.remove(room);
+                                }
+                            }
+                            continue;
+                        };
+                        let answer = if ty == "joined" {
+                            st.rooms.insert(j.room);
+                            let members = f["members"].as_u64().unwrap_or(0);
+                            Membership::Joined { members: u32::try_from(members).unwrap_or(u32::MAX) }
+                        } else {
+                            Membership::Left
+                        };
+                        let _ = j.reply.send(Ok(answer));
                     }
                     Some("failed") => {
                         let Some(id) = f["id"].as_str() else { continue };
+                        if let Some(j) = st.joins.remove(id) {
+                            let reason = serde_json::from_value(f["reason"].clone()).unwrap_or(FailReason::Invalid);
+                            let _ = j.reply.send(Ok(Membership::Failed(reason)));
+                            continue;
+                        }
                         let reason: FailReason = serde_json::from_value(f["reason"].clone()).unwrap_or(FailReason::Invalid);
-                        let again = pending.peek_mut(id).is_some_and(|p| {
+                        let again = st.pending.peek_mut(id).is_some_and(|p| {
                             p.report(cfg, SendOutcome::Failed(reason));
                             retryable(reason) && p.attempts < cfg.max_attempts && !p.transient
                         });
                         if again {
-                            let p = pending.peek_mut(id).expect("checked");
+                            let p = st.pending.peek_mut(id).expect("checked");
                             p.attempts += 1;
-                            bump(&stats.resent);
+                            bump(&st.stats.resent);
                             let frame = p.frame();
                             if ws.send(frame).await.is_err() {
                                 return Ended::Reconnect("write failed".into());
                             }
-                        } else if let Some(p) = pending.take(id) {
-                            let _ = p.reply.send(Ok(SendOutcome::Failed(reason)));
+                                                } else if let Some(p) = st.pending.take(id) {
+                            p.reply.failed(reason);
                         }
                     }
                     Some("error") => {
-                        if let Some(p) = f["id"].as_str().and_then(|id| pending.take(id)) {
-                            let _ = p.reply.send(Err(ClientError::Refused {
+                                                if let Some(p) = f["id"].as_str().and_then(|id| st.pending.take(id)) {
+                            p.reply.error(ClientError::Refused {
                                 code: f["code"].as_str().unwrap_or("").to_string(),
                                 message: f["message"].as_str().unwrap_or("").to_string(),
-                            }));
+                            });
                         }
                     }
                     Some("moved") => {
@@ -912,7 +1250,7 @@ async fn wait_backoff(
     backoff: &mut Duration,
     cfg: &ClientConfig,
     cmds: &mut mpsc::Receiver<Cmd>,
-    pending: &mut PendingSet,
+    st: &mut State,
 ) -> bool {
     let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
     let until = Instant::now() + *backoff + jitter;
@@ -920,15 +1258,19 @@ async fn wait_backoff(
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(until) => return true,
-            cmd = cmds.recv() => {
-                let Some(Cmd::Send { id, to, body, transient, reply }) = cmd else { return false };
-                if pending.len() >= cfg.max_pending {
-                    let _ = reply.send(Err(ClientError::TooManyPending));
-                } else if transient {
-                    // A signal made while disconnected is stale by the time a session is up.
-                    let _ = reply.send(Ok(SendOutcome::Failed(FailReason::Unreachable)));
-                } else {
-                    pending.insert(Pending::new(id, to, body, false, reply));
+                        cmd = cmds.recv() => match cmd {
+                None => return false,
+                // Written when the next session is up.
+                Some(Cmd::Join { room, join, reply }) => drop(st.join(cfg, Join { room, join, reply })),
+                Some(Cmd::Send { id, target, body, transient, reply }) => {
+                    if st.pending.len() >= cfg.max_pending {
+                        reply.too_many();
+                    } else if transient {
+                        // A signal made while disconnected is stale by the time a session is up.
+                        reply.failed(FailReason::Unreachable);
+                    } else {
+                        st.pending.insert(Pending::new(id, target, body, false, reply));
+                    }
                 }
             }
         }
@@ -942,7 +1284,13 @@ mod tests {
     fn pending(id: &str) -> (Pending, oneshot::Receiver<Result<SendOutcome, ClientError>>) {
         let (reply, rx) = oneshot::channel();
         (
-            Pending::new(id.into(), "b".into(), Value::Null, false, reply),
+            Pending::new(
+                id.into(),
+                Target::User("b".into()),
+                Value::Null,
+                false,
+                Reply::Direct(reply),
+            ),
             rx,
         )
     }
@@ -981,5 +1329,46 @@ mod tests {
             seen.insert(("a".into(), "1".into())),
             "forgotten beyond capacity"
         );
+    }
+
+    fn state() -> State {
+        State {
+            pending: PendingSet::default(),
+            seen: Seen {
+                set: HashSet::new(),
+                order: VecDeque::new(),
+                cap: 4,
+            },
+            stats: Default::default(),
+            joins: BTreeMap::new(),
+            next_join: 0,
+            rejoin: Vec::new(),
+            rooms: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn a_welcome_that_lacks_a_joined_room_makes_the_client_join_again() {
+        let mut st = state();
+        st.rooms.extend(["a".to_string(), "b".to_string()]);
+        rejoin_check(&mut st, &json!({"type": "welcome", "rooms": ["a", "c"]}));
+        let frames: Vec<String> = st
+            .rejoin
+            .iter()
+            .map(|m| m.to_text().unwrap().to_string())
+            .collect();
+        assert_eq!(frames, [json!({"type": "join", "room": "b"}).to_string()]);
+        assert_eq!(
+            st.stats.rejoined.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Rooms the welcome lists are remembered (a backend may have added them).
+        assert!(st.rooms.contains("c"));
+        // Nothing lacking: nothing to write.
+        rejoin_check(
+            &mut st,
+            &json!({"type": "welcome", "rooms": ["a", "b", "c"]}),
+        );
+        assert!(st.rejoin.is_empty());
     }
 }

@@ -105,6 +105,9 @@ pub(super) struct Batch {
     at: Instant,
 }
 
+/// A membership to announce or hand over: what kind, room, uid.
+type SyncEntry = (SyncKind, Arc<str>, Arc<str>);
+
 /// Room state of a relay.
 #[derive(Debug, Default)]
 pub(super) struct RoomState {
@@ -121,7 +124,7 @@ pub(super) struct RoomState {
     sync_due: Option<Instant>,
     /// Peers whose link came up again: everything told to them is told again.
     resync: HashSet<NodeId>,
-    queue: BTreeMap<NodeId, VecDeque<(SyncKind, Arc<str>, Arc<str>)>>,
+    queue: BTreeMap<NodeId, VecDeque<SyncEntry>>,
     queued: usize,
     drain_at: Option<Instant>,
     tokens: f64,
@@ -408,6 +411,7 @@ impl Relay {
                     Some(n) => {
                         self.add_user_room(&uid, &room, Some(me));
                         self.back_up(now, &room, &uid);
+                        self.tell_sessions(&uid, &room, &RoomAnswer::Joined(n), &waiter);
                         RoomAnswer::Joined(n)
                     }
                     None => RoomAnswer::Refused(FailReason::Limit),
@@ -429,7 +433,7 @@ impl Relay {
     }
 
     fn leave(&mut self, waiter: RoomWaiter, uid: Arc<str>, room: Arc<str>) {
-        self.rooms.users.remove(&uid, &room);
+        let was = self.rooms.users.remove(&uid, &room);
         match self.route(&room_key(&room)) {
             Route::Local => {
                 self.rooms.rooms.remove(&room, &uid);
@@ -446,12 +450,15 @@ impl Relay {
             Route::Remote(node) => {
                 let frame = PeerFrame::RoomLeave {
                     room: room.clone(),
-                    uid,
+                    uid: uid.clone(),
                 };
                 self.out.push_back(Output::Peer { node, frame });
             }
             // The room's owner is not reachable: it learns nothing (see docs/ROOMS.md).
             Route::Unreachable => {}
+        }
+        if was {
+            self.tell_sessions(&uid, &room, &RoomAnswer::Left, &waiter);
         }
         self.room_answer(waiter, &room, RoomAnswer::Left);
     }
@@ -509,6 +516,39 @@ impl Relay {
         };
         self.rooms.waits.insert(req, wait);
         true
+    }
+
+    /// A membership of `uid` began or ended: its live sessions here (but the one that asked,
+    /// which gets the answer) hear `joined` / `left` without an id.
+    fn tell_sessions(
+        &mut self,
+        uid: &str,
+        room: &Arc<str>,
+        answer: &RoomAnswer,
+        waiter: &RoomWaiter,
+    ) {
+        let asking = match waiter {
+            RoomWaiter::Session { session, .. } => Some(*session),
+            _ => None,
+        };
+        for session in self.engine.sessions_of(uid) {
+            if Some(session) == asking {
+                continue;
+            }
+            let frame = match answer {
+                RoomAnswer::Joined(members) => ServerFrame::Joined {
+                    room: room.clone(),
+                    members: *members,
+                    id: None,
+                },
+                RoomAnswer::Left => ServerFrame::Left {
+                    room: room.clone(),
+                    id: None,
+                },
+                _ => return,
+            };
+            self.out.push_back(Output::Session { session, frame });
+        }
     }
 
     /// Answers a room request.
@@ -944,6 +984,7 @@ impl Relay {
                 let w = self.rooms.waits.remove(&req).expect("present");
                 if let (Some(uid), RoomAnswer::Joined(_)) = (&w.joining, &answer) {
                     self.add_user_room(uid, &w.room, Some(from.clone()));
+                    self.tell_sessions(uid, &w.room, &answer, &w.waiter);
                 }
                 self.room_answer(w.waiter, &w.room, answer);
             }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use cluster_support::Cluster;
 use imgate::client::{
-    Client, ClientConfig, ClientError, Event, Incoming, PendingSend, SendOutcome,
+    Client, ClientConfig, ClientError, Event, Incoming, Membership, PendingSend, RoomSendOutcome,
+    SendOutcome,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -280,4 +281,110 @@ async fn transient_sends_are_delivered_or_fail_without_retries() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(resent, 0, "nothing was sent again");
     c.shutdown().await;
+}
+
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("an answer in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_join_send_and_leave() {
+    let c = Cluster::start(3).await;
+    c.wait_converged(3).await;
+    let (alice, _ain, mut aev) = Client::start(config(&c, "alice"));
+    let (bob, mut bin, mut bev) = Client::start(config(&c, "bob"));
+    let (carol, mut cin, mut cev) = Client::start(config(&c, "carol"));
+    for ev in [&mut aev, &mut bev, &mut cev] {
+        connected(ev).await;
+    }
+    assert_eq!(
+        within(alice.join("team").unwrap()).await,
+        Ok(Membership::Joined { members: 1 })
+    );
+    within(bob.join("team").unwrap()).await.unwrap();
+    within(carol.join("team").unwrap()).await.unwrap();
+    let sent = alice.send_room("team", json!({"text": "hi team"})).unwrap();
+    for rx in [&mut bin, &mut cin] {
+        let m = next_incoming(rx).await;
+        assert_eq!(m.room.as_deref(), Some("team"));
+        assert_eq!(
+            (m.from.as_str(), &m.body),
+            ("alice", &json!({"text": "hi team"}))
+        );
+    }
+    assert_eq!(
+        within(sent).await,
+        Ok(RoomSendOutcome::Done {
+            members: 3,
+            delivered: 3,
+            offline: 0,
+            failed: 0
+        })
+    );
+    assert_eq!(
+        within(carol.leave("team").unwrap()).await,
+        Ok(Membership::Left)
+    );
+    let r = within(bob.send_room("team", json!(2)).unwrap()).await;
+    assert!(
+        matches!(r, Ok(RoomSendOutcome::Done { members: 2, .. })),
+        "{r:?}"
+    );
+    assert_eq!(
+        within(carol.send_room("team", json!(3)).unwrap()).await,
+        Ok(RoomSendOutcome::Failed(
+            imgate::protocol::FailReason::Forbidden
+        ))
+    );
+    assert!(matches!(alice.join("$bad"), Err(ClientError::Invalid(_))));
+    c.shutdown().await;
+}
+
+/// The whole cluster restarts (memberships live in memory only): the client finds its room
+/// missing from `welcome.rooms` and joins it again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_joins_again_when_a_restarted_cluster_forgot_its_rooms() {
+    use imgate::config::{Config, NodeConfig};
+    let cfg = Config::for_test_nodes(1);
+    let node = imgate::node::start(cfg.clone(), "n1").await.unwrap();
+    let http = node.http_addr();
+    let mut ccfg = ClientConfig::new(vec![node.http_url()], "alice");
+    ccfg.ping_interval = Duration::from_millis(500);
+    let (alice, mut ain, mut aev) = Client::start(ccfg);
+    connected(&mut aev).await;
+    within(alice.join("team").unwrap()).await.unwrap();
+    node.shutdown().await;
+    // The same address, an empty node.
+    let mut cfg2 = cfg.clone();
+    let any = "127.0.0.1:0".parse().unwrap();
+    cfg2.nodes[0] = NodeConfig::new("n1", http, any, any);
+    let node = imgate::node::start(cfg2, "n1").await.unwrap();
+    connected(&mut aev).await;
+    let rejoined = || {
+        alice
+            .stats()
+            .rejoined
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    cluster_support::wait_until(Duration::from_secs(10), || rejoined() == 1).await;
+    // Bob's room message reaches alice without her asking to join.
+    let mut bcfg = ClientConfig::new(vec![node.http_url()], "bob");
+    bcfg.ping_interval = Duration::from_millis(500);
+    let (bob, _bin, mut bev) = Client::start(bcfg);
+    connected(&mut bev).await;
+    within(bob.join("team").unwrap()).await.unwrap();
+    let sent = bob.send_room("team", json!("back")).unwrap();
+    let m = next_incoming(&mut ain).await;
+    assert_eq!((m.room.as_deref(), m.body), (Some("team"), json!("back")));
+    assert!(matches!(
+        within(sent).await,
+        Ok(RoomSendOutcome::Done {
+            members: 2,
+            delivered: 2,
+            ..
+        })
+    ));
+    node.shutdown().await;
 }
