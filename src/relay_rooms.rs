@@ -38,6 +38,12 @@ const SYNC_TICK: Duration = Duration::from_millis(50);
 const SYNC_FRAME: usize = 1024;
 /// Bytes of a `RoomDeliver` frame left for the uids, beside the message.
 const DELIVER_BUDGET: usize = crate::wire::MAX_FRAME - 8 * 1024;
+/// How long a node keeps the memberships of a user or room it no longer owns, after handing
+/// a copy to the owner. While views disagree (a draining node has left its own view but not
+/// yet its peers'), ownership may come back here, and a copy in flight may die with its
+/// receiver: entries are never moved, only copied, and dropped once they stayed another
+/// node's this long.
+const FOREIGN_TTL: Duration = Duration::from_secs(30);
 /// Most uids listed by a room query.
 pub const INFO_UIDS: usize = 1000;
 
@@ -65,6 +71,8 @@ pub(super) struct Wait {
     room: Arc<str>,
     /// For a join: the user to record as a member when the room's owner accepts.
     joining: Option<Arc<str>>,
+    /// A leave: answered `left` even if the room's owner cannot confirm it.
+    leaving: bool,
     at: Instant,
     /// Given up after this long.
     limit: Duration,
@@ -124,6 +132,11 @@ pub(super) struct RoomState {
     sync_due: Option<Instant>,
     /// Peers whose link came up again: everything told to them is told again.
     resync: HashSet<NodeId>,
+    /// Users (`false`) and rooms (`true`) kept here while another node owns them, since when
+    /// (see [`FOREIGN_TTL`]).
+    foreign: HashMap<(bool, Arc<str>), Instant>,
+    /// When the next foreign entries expire (a walk then drops them).
+    purge_due: Option<Instant>,
     queue: BTreeMap<NodeId, VecDeque<SyncEntry>>,
     queued: usize,
     drain_at: Option<Instant>,
@@ -142,10 +155,10 @@ impl RoomState {
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        match (self.sync_due, self.drain_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.sync_due, self.drain_at, self.purge_due]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -243,7 +256,7 @@ impl Relay {
             let waiter = RoomWaiter::Api(req);
             match self.route(&uid) {
                 Route::Local if join => self.join(now, waiter, uid, room),
-                Route::Local => self.leave(waiter, uid, room),
+                Route::Local => self.leave(now, waiter, uid, room),
                 Route::Remote(node) => {
                     let tag = self.next_tag();
                     if self.room_wait(now, tag, &node, waiter, &room, None, self.cfg.ask_timeout) {
@@ -343,7 +356,7 @@ impl Relay {
         if join {
             self.join(now, waiter, uid, room);
         } else {
-            self.leave(waiter, uid, room);
+            self.leave(now, waiter, uid, room);
         }
     }
 
@@ -432,8 +445,14 @@ impl Relay {
         }
     }
 
-    fn leave(&mut self, waiter: RoomWaiter, uid: Arc<str>, room: Arc<str>) {
+    /// Ends a membership: at once on this side (no more sends); answered `left` once the
+    /// room's owner forgot it too, so that no room message sent after the answer reaches
+    /// the user. An owner that cannot be asked does not stop the answer (see docs/ROOMS.md).
+    fn leave(&mut self, now: Instant, waiter: RoomWaiter, uid: Arc<str>, room: Arc<str>) {
         let was = self.rooms.users.remove(&uid, &room);
+        if was {
+            self.tell_sessions(&uid, &room, &RoomAnswer::Left, &waiter);
+        }
         match self.route(&room_key(&room)) {
             Route::Local => {
                 self.rooms.rooms.remove(&room, &uid);
@@ -441,26 +460,39 @@ impl Relay {
                 let me = self.me.clone();
                 if let Some(node) = self.successor(&room, &me).filter(|s| *s != me) {
                     let frame = PeerFrame::RoomLeave {
+                        req: 0,
                         room: room.clone(),
                         uid: uid.clone(),
                     };
                     self.out.push_back(Output::Peer { node, frame });
                 }
+                self.room_answer(waiter, &room, RoomAnswer::Left);
             }
             Route::Remote(node) => {
-                let frame = PeerFrame::RoomLeave {
-                    room: room.clone(),
-                    uid: uid.clone(),
-                };
-                self.out.push_back(Output::Peer { node, frame });
+                let req = self.next_tag();
+                let limit = self.cfg.ask_timeout;
+                if self.room_wait(now, req, &node, waiter, &room, None, limit) {
+                    if let Some(w) = self.rooms.waits.get_mut(&req) {
+                        w.leaving = true;
+                    }
+                    let frame = PeerFrame::RoomLeave { req, room, uid };
+                    self.out.push_back(Output::Peer { node, frame });
+                }
             }
-            // The room's owner is not reachable: it learns nothing (see docs/ROOMS.md).
-            Route::Unreachable => {}
+            Route::Unreachable => self.room_answer(waiter, &room, RoomAnswer::Left),
         }
-        if was {
-            self.tell_sessions(&uid, &room, &RoomAnswer::Left, &waiter);
-        }
-        self.room_answer(waiter, &room, RoomAnswer::Left);
+    }
+
+    /// A request to a peer that cannot be answered: a leave still ends in `left` (this side
+    /// forgot the membership); anything else fails `unreachable`.
+    fn give_up(&mut self, w: Wait) {
+        let answer = if w.leaving {
+            tracing::warn!(node = %w.node, room = %w.room, "a leave the room's owner did not confirm");
+            RoomAnswer::Left
+        } else {
+            RoomAnswer::Refused(FailReason::Unreachable)
+        };
+        self.room_answer(w.waiter, &w.room, answer);
     }
 
     /// Adds a member to a room owned here; the room's member count, or `None` over a limit.
@@ -511,6 +543,7 @@ impl Relay {
             waiter,
             room: room.clone(),
             joining,
+            leaving: false,
             at: now,
             limit,
         };
@@ -873,9 +906,19 @@ impl Relay {
                     frame,
                 });
             }
-            PeerFrame::RoomLeave { room, uid } => {
+            PeerFrame::RoomLeave { req, room, uid } => {
                 self.rooms.rooms.remove(&room, &uid);
                 self.rooms.spare.remove(&room, &uid);
+                if req != 0 {
+                    let frame = PeerFrame::RoomReply {
+                        req,
+                        answer: RoomAnswer::Left,
+                    };
+                    self.out.push_back(Output::Peer {
+                        node: from.clone(),
+                        frame,
+                    });
+                }
             }
             PeerFrame::RoomMember {
                 req,
@@ -897,7 +940,7 @@ impl Relay {
                 if join {
                     self.join(now, waiter, uid, room);
                 } else {
-                    self.leave(waiter, uid, room);
+                    self.leave(now, waiter, uid, room);
                 }
             }
             PeerFrame::RoomSend {
@@ -1007,19 +1050,20 @@ impl Relay {
                 continue;
             }
             match kind {
-                SyncKind::ToRoomOwner | SyncKind::RoomHandOver => {
-                    // After a hand-over, the member's owner re-announces by itself.
-                    let told = match kind {
-                        SyncKind::ToRoomOwner => Some(from.clone()),
-                        _ => target_of(self.route(&uid), &self.me),
-                    };
+                SyncKind::ToRoomOwner => {
                     elsewhere |= self.route(&room_key(&room)) != Route::Local;
-                    let mine = told.as_ref() == Some(&self.me);
-                    if self.add_member(&room, &uid, told).is_none() {
+                    if self.add_member(&room, &uid, Some(from.clone())).is_none() {
                         tracing::warn!(%room, %uid, "re-announced membership over the limits");
-                    } else if mine {
-                        self.back_up(now, &room, &uid);
                     }
+                }
+                // Handed over: the other side may not know this owner yet (it may have moved
+                // too), so the walk that follows tells it.
+                SyncKind::RoomHandOver | SyncKind::Restore => {
+                    elsewhere = true;
+                    if self.add_member(&room, &uid, None).is_none() {
+                        tracing::warn!(%room, %uid, "handed-over membership over the limits");
+                    }
+                    self.rooms.rooms.set_told(&room, &uid, None);
                 }
                 SyncKind::Backup => {
                     let max = self.cfg.max_room_memberships;
@@ -1034,13 +1078,14 @@ impl Relay {
                     // This node may be the room's owner already (its owner died meanwhile).
                     elsewhere |= self.route(&room_key(&room)) == Route::Local;
                 }
-                SyncKind::ToMemberOwner | SyncKind::UserHandOver => {
-                    let told = match kind {
-                        SyncKind::ToMemberOwner => Some(from.clone()),
-                        _ => target_of(self.route(&room_key(&room)), &self.me),
-                    };
+                SyncKind::ToMemberOwner => {
                     elsewhere |= self.route(&uid) != Route::Local;
-                    self.add_user_room(&uid, &room, told);
+                    self.add_user_room(&uid, &room, Some(from.clone()));
+                }
+                SyncKind::UserHandOver => {
+                    elsewhere = true;
+                    self.add_user_room(&uid, &room, None);
+                    self.rooms.users.set_told(&uid, &room, None);
                 }
             }
         }
@@ -1063,11 +1108,7 @@ impl Relay {
         );
         for req in reqs {
             let w = self.rooms.waits.remove(&req).expect("present");
-            self.room_answer(
-                w.waiter,
-                &w.room,
-                RoomAnswer::Refused(FailReason::Unreachable),
-            );
+            self.give_up(w);
         }
         let tags = sorted(
             self.rooms
@@ -1095,15 +1136,12 @@ impl Relay {
     pub(super) fn room_refused(&mut self, now: Instant, node: &NodeId, frame: PeerFrame) {
         match frame {
             PeerFrame::RoomJoin { req, .. }
+            | PeerFrame::RoomLeave { req, .. }
             | PeerFrame::RoomMember { req, .. }
             | PeerFrame::RoomSend { req, .. }
             | PeerFrame::RoomQuery { req, .. } => {
                 if let Some(w) = self.rooms.waits.remove(&req) {
-                    self.room_answer(
-                        w.waiter,
-                        &w.room,
-                        RoomAnswer::Refused(FailReason::Unreachable),
-                    );
+                    self.give_up(w);
                 }
             }
             PeerFrame::RoomDeliver { tag, uids, .. } | PeerFrame::RoomOnline { tag, uids } => {
@@ -1116,11 +1154,18 @@ impl Relay {
                 self.gather_part(tag, node, tally);
             }
             PeerFrame::RoomSync { kind, entries } => match kind {
-                // This side already let them go: they go to whoever owns them now.
-                SyncKind::RoomHandOver | SyncKind::UserHandOver => {
+                // The entries are still here: copied again at the next walk.
+                SyncKind::RoomHandOver => {
                     for (room, uid) in entries {
-                        self.hand_over_entry(now, kind, room, uid);
+                        self.rooms.rooms.set_told(&room, &uid, None);
                     }
+                    self.rooms_changed(now);
+                }
+                SyncKind::UserHandOver => {
+                    for (room, uid) in entries {
+                        self.rooms.users.set_told(&uid, &room, None);
+                    }
+                    self.rooms_changed(now);
                 }
                 // Told again at the next walk.
                 SyncKind::ToRoomOwner => {
@@ -1133,6 +1178,11 @@ impl Relay {
                     for (room, uid) in entries {
                         self.rooms.rooms.set_told(&room, &uid, None);
                     }
+                    self.rooms_changed(now);
+                }
+                // The copies stay here; they go again at the next walk.
+                SyncKind::Restore => {
+                    self.rooms.resync.insert(node.clone());
                     self.rooms_changed(now);
                 }
             },
@@ -1154,11 +1204,7 @@ impl Relay {
         for req in late {
             let w = self.rooms.waits.remove(&req).expect("present");
             tracing::warn!(node = %w.node, room = %w.room, "no answer from a room's owner in time");
-            self.room_answer(
-                w.waiter,
-                &w.room,
-                RoomAnswer::Refused(FailReason::Unreachable),
-            );
+            self.give_up(w);
         }
         let max_age = self.forward_max_age;
         let late = sorted(
@@ -1211,8 +1257,10 @@ impl Relay {
 
     /// Due room timers: the walk after a change, the drain of the sync queue.
     pub(super) fn room_timers(&mut self, now: Instant) {
-        if self.rooms.sync_due.is_some_and(|at| now >= at) {
+        let purge = self.rooms.purge_due.is_some_and(|at| now >= at);
+        if purge || self.rooms.sync_due.is_some_and(|at| now >= at) {
             self.rooms.sync_due = None;
+            self.rooms.purge_due = None;
             self.reconcile(now);
         }
         if self.rooms.drain_at.is_some_and(|at| now >= at) {
@@ -1225,6 +1273,7 @@ impl Relay {
     fn reconcile(&mut self, now: Instant) {
         let me = self.me.clone();
         let resync = std::mem::take(&mut self.rooms.resync);
+
         let stale = |told: &Option<NodeId>, target: &NodeId| {
             told.as_ref() != Some(target) || resync.contains(target)
         };
@@ -1237,15 +1286,16 @@ impl Relay {
                 for uid in self.rooms.spare.take(&room) {
                     self.add_member(&room, &uid, None);
                 }
+            } else if resync.contains(&owner) {
+                // Its link came up again: it may have restarted empty. It gets the copies
+                // (and backs them up here again).
+                for uid in self.rooms.spare.inner(&room) {
+                    self.enqueue(now, owner.clone(), SyncKind::Restore, room.clone(), uid);
+                }
             } else if self.successor(&room, &owner).as_ref() != Some(&me) {
+                // No longer the successor: the owner gets them (it backs them up anew).
                 for uid in self.rooms.spare.take(&room) {
-                    self.enqueue(
-                        now,
-                        owner.clone(),
-                        SyncKind::RoomHandOver,
-                        room.clone(),
-                        uid,
-                    );
+                    self.enqueue(now, owner.clone(), SyncKind::Restore, room.clone(), uid);
                 }
             }
         }
@@ -1254,17 +1304,10 @@ impl Relay {
                 continue;
             };
             if owner != me {
-                for room in self.rooms.users.take(&uid) {
-                    self.enqueue(
-                        now,
-                        owner.clone(),
-                        SyncKind::UserHandOver,
-                        room,
-                        uid.clone(),
-                    );
-                }
+                self.copy_to_owner(now, false, &uid, &owner);
                 continue;
             }
+            self.owned_again(false, &uid);
             let entries: Vec<(Arc<str>, Option<NodeId>)> = self
                 .rooms
                 .users
@@ -1291,17 +1334,10 @@ impl Relay {
                 continue;
             };
             if owner != me {
-                for uid in self.rooms.rooms.take(&room) {
-                    self.enqueue(
-                        now,
-                        owner.clone(),
-                        SyncKind::RoomHandOver,
-                        room.clone(),
-                        uid,
-                    );
-                }
+                self.copy_to_owner(now, true, &room, &owner);
                 continue;
             }
+            self.owned_again(true, &room);
             let entries: Vec<(Arc<str>, Option<NodeId>)> = self
                 .rooms
                 .rooms
@@ -1332,11 +1368,80 @@ impl Relay {
                 }
             }
         }
+        self.rooms.purge_due = self
+            .rooms
+            .foreign
+            .values()
+            .min()
+            .map(|since| *since + FOREIGN_TTL);
         if self.rooms.queued > 0 {
             tracing::info!(
                 queued = self.rooms.queued,
                 "memberships to announce after a ring change"
             );
+        }
+    }
+
+    /// A user (`room: false`) or room owned by `owner` now: each entry not yet handed to it
+    /// is copied there; the entries stay here until they have been another node's for
+    /// [`FOREIGN_TTL`].
+    fn copy_to_owner(&mut self, now: Instant, room_side: bool, outer: &Arc<str>, owner: &NodeId) {
+        let since = *self
+            .rooms
+            .foreign
+            .entry((room_side, outer.clone()))
+            .or_insert(now);
+        let table = if room_side {
+            &mut self.rooms.rooms
+        } else {
+            &mut self.rooms.users
+        };
+        if now.saturating_duration_since(since) >= FOREIGN_TTL {
+            table.take(outer);
+            self.rooms.foreign.remove(&(room_side, outer.clone()));
+            return;
+        }
+        let entries: Vec<(Arc<str>, Option<NodeId>)> = table
+            .entries_of(outer)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        for (inner, told) in sorted(entries) {
+            if told.as_ref() == Some(owner) {
+                continue;
+            }
+            let (room, uid, kind) = if room_side {
+                (outer.clone(), inner.clone(), SyncKind::RoomHandOver)
+            } else {
+                (inner.clone(), outer.clone(), SyncKind::UserHandOver)
+            };
+            let table = if room_side {
+                &mut self.rooms.rooms
+            } else {
+                &mut self.rooms.users
+            };
+            table.set_told(outer, &inner, Some(owner.clone()));
+            self.enqueue(now, owner.clone(), kind, room, uid);
+        }
+    }
+
+    /// A user or room kept as another node's is this node's again: what its entries told the
+    /// other side is told again.
+    fn owned_again(&mut self, room_side: bool, outer: &Arc<str>) {
+        if self
+            .rooms
+            .foreign
+            .remove(&(room_side, outer.clone()))
+            .is_none()
+        {
+            return;
+        }
+        let table = if room_side {
+            &mut self.rooms.rooms
+        } else {
+            &mut self.rooms.users
+        };
+        for inner in table.inner(outer) {
+            table.set_told(outer, &inner, None);
         }
     }
 
@@ -1356,41 +1461,6 @@ impl Relay {
         self.rooms.queued += 1;
         if self.rooms.drain_at.is_none() {
             self.rooms.drain_at = Some(now);
-        }
-    }
-
-    /// A handed-over entry whose frame could not go, or whose target is no longer its owner:
-    /// to the owner now (here, or queued for it).
-    fn hand_over_entry(&mut self, now: Instant, kind: SyncKind, room: Arc<str>, uid: Arc<str>) {
-        let me = self.me.clone();
-        match kind {
-            SyncKind::RoomHandOver | SyncKind::ToRoomOwner => {
-                match target_of(self.route(&room_key(&room)), &me) {
-                    Some(n) if n == me => {
-                        let told = target_of(self.route(&uid), &me);
-                        let mine = told.as_ref() == Some(&me);
-                        if self.add_member(&room, &uid, told).is_some() && mine {
-                            self.back_up(now, &room, &uid);
-                        }
-                    }
-                    Some(n) => self.enqueue(now, n, SyncKind::RoomHandOver, room, uid),
-                    None => {
-                        tracing::warn!(%room, %uid, "membership dropped: no owner for the room")
-                    }
-                }
-            }
-            SyncKind::UserHandOver | SyncKind::ToMemberOwner | SyncKind::Backup => {
-                match target_of(self.route(&uid), &me) {
-                    Some(n) if n == me => {
-                        let told = target_of(self.route(&room_key(&room)), &me);
-                        self.add_user_room(&uid, &room, told);
-                    }
-                    Some(n) => self.enqueue(now, n, SyncKind::UserHandOver, room, uid),
-                    None => {
-                        tracing::warn!(%room, %uid, "membership dropped: no owner for the user")
-                    }
-                }
-            }
         }
     }
 
@@ -1427,7 +1497,7 @@ impl Relay {
                 let mut valid = Vec::with_capacity(entries.len());
                 for (room, uid) in entries {
                     let target = match kind {
-                        SyncKind::ToRoomOwner | SyncKind::RoomHandOver => {
+                        SyncKind::ToRoomOwner | SyncKind::RoomHandOver | SyncKind::Restore => {
                             target_of(self.route(&room_key(&room)), &me)
                         }
                         SyncKind::ToMemberOwner | SyncKind::UserHandOver => {
@@ -1437,8 +1507,6 @@ impl Relay {
                     };
                     if target.as_ref() == Some(&node) {
                         valid.push((room, uid));
-                    } else if matches!(kind, SyncKind::RoomHandOver | SyncKind::UserHandOver) {
-                        self.hand_over_entry(now, kind, room, uid);
                     }
                 }
                 if !valid.is_empty() {

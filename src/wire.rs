@@ -184,6 +184,9 @@ pub enum SyncKind {
     /// From a room's owner to the room's successor (the next node of its preference list):
     /// memberships whose user it owns too, which no other node would know if it died.
     Backup,
+    /// From the room's successor to the room's owner whose link came up again (it may have
+    /// restarted empty): the copies it keeps.
+    Restore,
 }
 
 /// A node-to-node frame.
@@ -263,8 +266,11 @@ pub enum PeerFrame {
         /// The user.
         uid: Arc<str>,
     },
-    /// Member owner to room owner: `uid` left the room (no answer).
+    /// Member owner to room owner (or to the room's successor, which may keep a copy): `uid`
+    /// left the room; answered `RoomReply` `Left`.
     RoomLeave {
+        /// Request number.
+        req: u64,
         /// The room.
         room: Arc<str>,
         /// The user.

@@ -33,6 +33,7 @@ fn run_half(half: u64) {
     let (first, n) = (first(), seeds());
     let mut mix: BTreeMap<&str, u64> = BTreeMap::new();
     let (mut sends, mut delivered, mut failed, mut events) = (0, 0, 0, 0);
+    let (mut room_results, mut membership_checks) = (0, 0);
     let mut slowest = (0, 0);
     let mut count = 0;
     for seed in (first..first + n).filter(|s| s % 2 == half) {
@@ -45,6 +46,8 @@ fn run_half(half: u64) {
                 delivered += stats.delivered;
                 failed += stats.failed;
                 events += stats.events;
+                room_results += stats.room_results;
+                membership_checks += stats.membership_checks;
                 slowest = slowest.max((stats.quiet_after, seed));
                 count += 1;
             }
@@ -58,8 +61,9 @@ fn run_half(half: u64) {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{count} seeds in {secs:.1} s ({:.0} seeds/s); {events} events; {sends} sends: \
-         {delivered} delivered, {failed} failed; faults: {mix:?}; slowest to quiesce: \
-         {} ms after the faults (seed {})",
+                  {delivered} delivered, {failed} failed; {room_results} room results; memberships \
+         checked after {membership_checks} single-failure runs; faults: {mix:?}; slowest to \
+         quiesce: {} ms after the faults (seed {})",
         count as f64 / secs,
         slowest.0 / MS,
         slowest.1

@@ -186,6 +186,10 @@ pub struct Stats {
     pub delivered: u64,
     pub failed: u64,
     pub duplicates_dropped: u64,
+    /// Room sends that got their one `room_result` or `failed`.
+    pub room_results: u64,
+    /// Runs whose memberships were checked (one failure at most).
+    pub membership_checks: u64,
     pub moved: u64,
     pub reconnects: u64,
     pub sim_time: T,
@@ -289,6 +293,26 @@ struct Client {
     /// Per connection, the seq each `(from, id)` came with.
     seqs: HashMap<(Arc<str>, Arc<str>), u64>,
     backoff: T,
+    /// Rooms whose `join` was answered `joined`, and when.
+    rooms: BTreeMap<Arc<str>, T>,
+    /// Rooms whose `join` has no answer yet (sent again at each act and connection).
+    joining: BTreeSet<Arc<str>>,
+    /// Room sends without an outcome: id -> room.
+    room_sends: BTreeMap<String, Arc<str>>,
+}
+
+/// The rooms of the simulation; client `c` joins the ones [`rooms_for`] names.
+const ROOMS: [&str; 2] = ["lobby", "ops"];
+
+fn rooms_for(c: usize) -> Vec<Arc<str>> {
+    let mut out = Vec::new();
+    if c.is_multiple_of(2) || c == 1 {
+        out.push(Arc::from(ROOMS[0]));
+    }
+    if c.is_multiple_of(3) || c == 1 {
+        out.push(Arc::from(ROOMS[1]));
+    }
+    out
 }
 
 /// One simulated cluster.
@@ -339,6 +363,11 @@ pub struct Sim {
     pushes_delivered: Vec<(String, usize)>,
     /// The node the last event went to, whose invariants are checked after it.
     touched: Option<usize>,
+    /// Whether the plan is one failure at most: no partition, cut or pause, and at most one
+    /// kill. Memberships must survive it.
+    single_failure: bool,
+    /// When the first node was killed.
+    killed_at: Option<T>,
 }
 
 const TRACE: usize = 400;
@@ -400,6 +429,16 @@ impl Sim {
             pushes_delivered: Vec::new(),
             refuse_per_mille: plan.refuse_per_mille,
             quiesce: plan.quiesce(),
+            single_failure: plan
+                .faults
+                .iter()
+                .filter(|(_, f)| matches!(f, Fault::Kill(_)))
+                .count()
+                <= 1
+                && !plan.faults.iter().any(|(_, f)| {
+                    matches!(f, Fault::Partition(_) | Fault::Cut(..) | Fault::Pause(..))
+                }),
+            killed_at: None,
         };
         for i in 0..plan.nodes {
             sim.start_node(i);
@@ -414,6 +453,9 @@ impl Sim {
                 app: HashSet::new(),
                 seqs: HashMap::new(),
                 backoff: 50 * MS,
+                rooms: BTreeMap::new(),
+                joining: rooms_for(c).into_iter().collect(),
+                room_sends: BTreeMap::new(),
             });
             let at = sim.rng.random_range(0..S);
             sim.at(at, Ev::Act { client: c });
@@ -989,9 +1031,29 @@ impl Sim {
             let req = relay.push(now, msg);
             self.requests.insert((n, inc, req), Some((id.clone(), to)));
             self.note(|| format!("n{} push {id} to u{to} (request {req})", n + 1));
-        } else {
+        } else if self.rng.random_bool(0.5) {
             let req = relay.presence(now, &uid);
             self.requests.insert((n, inc, req), None);
+        } else {
+            self.pushes += 1;
+            let room = ROOMS[self.rng.random_range(0..ROOMS.len())];
+            let id = format!("rp{}", self.pushes);
+            let body: imgate::protocol::Body = Arc::from(
+                serde_json::value::RawValue::from_string("{\"room\":true}".into()).expect("json"),
+            );
+            let msg = imgate::engine::Message {
+                room: Some(Arc::from(room)),
+                ..imgate::engine::Message::direct(
+                    imgate::uid::SYSTEM_SENDER,
+                    &id,
+                    room,
+                    body,
+                    self.now / MS,
+                )
+            };
+            let req = relay.room_push(now, msg);
+            self.requests.insert((n, inc, req), None);
+            self.note(|| format!("n{} room push {id} to {room} (request {req})", n + 1));
         }
         self.touched = Some(n);
         self.outputs(n);
@@ -1027,6 +1089,7 @@ impl Sim {
                 // Keep one node up and not draining: a cluster with none left tests nothing.
                 let others = self.up_besides(n);
                 if others > 0 {
+                    self.killed_at.get_or_insert(self.now);
                     self.kill_node(n, "fault");
                 }
             }
@@ -1113,6 +1176,7 @@ impl Sim {
         match self.clients[c].conn {
             Conn::Idle => self.login(c),
             Conn::Live { node, conn } => {
+                self.send_joins(c, node, conn);
                 if self.now < self.busy_until && self.clients[c].sent < self.sends_per_client {
                     self.send_next(c, node, conn);
                 }
@@ -1181,11 +1245,87 @@ impl Sim {
         for (id, to) in pending {
             self.send_frame(c, node, conn, id, to);
         }
+        let rooms: Vec<(String, Arc<str>)> = self.clients[c]
+            .room_sends
+            .iter()
+            .map(|(id, room)| (id.clone(), room.clone()))
+            .collect();
+        for (id, room) in rooms {
+            self.send_room_frame(c, node, conn, id, room);
+        }
+        self.send_joins(c, node, conn);
         let every = self.rng.random_range(50 * MS..500 * MS);
         self.at(self.now + every, Ev::Act { client: c });
     }
 
+    /// Joins without an answer are asked again (the SDK keeps them until answered). Rooms a
+    /// `welcome` lacks are NOT joined again here: memberships must survive by themselves.
+    fn send_joins(&mut self, c: usize, node: usize, conn: u64) {
+        let Some(session) = self.session_of(node, c, conn) else {
+            return;
+        };
+        let rooms: Vec<Arc<str>> = self.clients[c].joining.iter().cloned().collect();
+        let inc = self.nodes[node].inc;
+        for room in rooms {
+            let d = self.client_delay();
+            let event = ClientEvent::Join {
+                session,
+                room: room.to_string(),
+                id: Some(format!("j-{room}")),
+                join: true,
+            };
+            self.at_fifo(
+                (3, c, node),
+                self.now + d,
+                Ev::Client {
+                    to: node,
+                    inc,
+                    conn,
+                    event,
+                },
+            );
+        }
+    }
+
+    fn send_room_frame(&mut self, c: usize, node: usize, conn: u64, id: String, room: Arc<str>) {
+        let Some(session) = self.session_of(node, c, conn) else {
+            return;
+        };
+        let body: imgate::protocol::Body = Arc::from(
+            serde_json::value::RawValue::from_string(format!("{{\"id\":\"{id}\"}}")).expect("json"),
+        );
+        let d = self.client_delay();
+        let inc = self.nodes[node].inc;
+        let event = ClientEvent::RoomSend {
+            transient: is_transient(&id),
+            session,
+            id,
+            room: room.to_string(),
+            body,
+            ts: self.now / MS,
+        };
+        self.at_fifo(
+            (3, c, node),
+            self.now + d,
+            Ev::Client {
+                to: node,
+                inc,
+                conn,
+                event,
+            },
+        );
+    }
+
     fn send_next(&mut self, c: usize, node: usize, conn: u64) {
+        if !self.clients[c].rooms.is_empty() && self.rng.random_bool(0.3) {
+            let rooms: Vec<Arc<str>> = self.clients[c].rooms.keys().cloned().collect();
+            let room = rooms[self.rng.random_range(0..rooms.len())].clone();
+            let id = format!("{}-{}", self.clients[c].uid, self.clients[c].sent);
+            self.clients[c].sent += 1;
+            self.clients[c].room_sends.insert(id.clone(), room.clone());
+            self.stats.sends += 1;
+            return self.send_room_frame(c, node, conn, id, room);
+        }
         let others = self.clients.len() - 1;
         let to = (c + 1 + self.rng.random_range(0..others)) % self.clients.len();
         let id = format!("{}-{}", self.clients[c].uid, self.clients[c].sent);
@@ -1281,6 +1421,42 @@ impl Sim {
                     },
                 );
             }
+            ServerFrame::Joined {
+                room, id: Some(_), ..
+            } => {
+                self.clients[c].joining.remove(&room);
+                let now = self.now;
+                self.clients[c].rooms.entry(room).or_insert(now);
+            }
+            ServerFrame::RoomResult {
+                id,
+                room,
+                members,
+                delivered,
+                offline,
+                failed,
+            } => {
+                self.note(|| {
+                    format!("{uid} room result {id} in {room}: {delivered}/{members} delivered, {offline} offline, {failed} failed")
+                });
+                if delivered + offline + failed != members {
+                    self.pending_violation = Some(format!(
+                        "{uid}'s room send {id}: {delivered} + {offline} + {failed} members ended, of {members}"
+                    ));
+                }
+                self.room_outcome(c, &id);
+            }
+            ServerFrame::RoomFailed {
+                id: Some(id),
+                room,
+                reason,
+            } => {
+                self.note(|| format!("{uid} room failed {id} in {room}: {reason:?}"));
+                // A join refused (unreachable, ...) is asked again; a send has its outcome.
+                if !id.starts_with("j-") {
+                    self.room_outcome(c, &id);
+                }
+            }
             ServerFrame::Delivered { id, .. } | ServerFrame::Failed { id, .. } => {
                 self.note(|| {
                     format!(
@@ -1302,6 +1478,17 @@ impl Sim {
                 }
             }
             _ => {}
+        }
+    }
+
+    fn room_outcome(&mut self, c: usize, id: &str) {
+        if self.clients[c].room_sends.remove(id).is_none() {
+            self.pending_violation = Some(format!(
+                "{} got a second outcome for room send {id}",
+                self.clients[c].uid
+            ));
+        } else {
+            self.stats.room_results += 1;
         }
     }
 
@@ -1425,6 +1612,16 @@ impl Sim {
                     relay.handover_index_len(),
                     2048 + 4 * engine.local_user_count(),
                 ),
+                (
+                    "room memberships",
+                    relay.membership_counts().0,
+                    cfg.max_room_memberships,
+                ),
+                (
+                    "user memberships",
+                    relay.membership_counts().1,
+                    cfg.max_room_memberships,
+                ),
             ];
             for (what, len, max) in bounds {
                 if len > max {
@@ -1467,6 +1664,7 @@ impl Sim {
                 ("forwards", r.forward_count()),
                 ("requests", r.request_count()),
                 ("deliveries", r.engine().deliveries_in_flight()),
+                ("room requests, fan-outs or announcements", r.room_work()),
             ];
             for (what, count) in left {
                 if count > 0 {
@@ -1507,6 +1705,14 @@ impl Sim {
             }
         }
         for c in &self.clients {
+            if let Some((id, room)) = c.room_sends.iter().next() {
+                return Err(self.violation(format!(
+                    "{}'s room send {id} to {room} has no room_result {} s after the faults \
+                     stopped",
+                    c.uid,
+                    self.quiesce / S
+                )));
+            }
             if let Some((id, to)) = c.pending.iter().next() {
                 return Err(self.violation(format!(
                     "{}'s send {id} to u{to} has no outcome {} s after the faults stopped \
@@ -1532,9 +1738,56 @@ impl Sim {
         Ok(())
     }
 
+    /// After a single failure: every membership a client saw confirmed is known, at rest, on
+    /// both the room's owner and the user's owner. A membership confirmed just before the kill
+    /// may not have reached a second node yet (a node with no link up yet keeps it alone, and
+    /// a frame in flight dies with its sender): those confirmed in the 3 s before it are not
+    /// held to it.
+    pub fn check_memberships(&mut self) -> Result<(), Violation> {
+        if !self.single_failure {
+            return Ok(());
+        }
+        self.stats.membership_checks += 1;
+        let Some(any) = self.serving().find(|&n| !self.nodes[n].draining) else {
+            return Ok(());
+        };
+        let view = self.nodes[any].relay.as_ref().expect("serving");
+        for c in &self.clients {
+            for (room, at) in &c.rooms {
+                if self.killed_at.is_some_and(|k| *at + 3 * S > k) {
+                    continue;
+                }
+                let key = imgate::rooms::room_key(room);
+                let sides = [(view.owner(&key), true), (view.owner(&c.uid), false)];
+                for (owner, room_side) in sides {
+                    let Some(n) = owner.and_then(|o| self.index_of(&o.node)) else {
+                        continue;
+                    };
+                    let r = self.nodes[n].relay.as_ref().expect("an owner serves");
+                    let known = if room_side {
+                        r.members_of(room).contains(&c.uid)
+                    } else {
+                        r.rooms_of(&c.uid).contains(room)
+                    };
+                    if !known {
+                        let side = if room_side { "room's" } else { "user's" };
+                        return Err(self.violation(format!(
+                            "{} joined {room}, but n{} (the {side} owner) does not know it at rest",
+                            c.uid,
+                            n + 1
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether no send waits for an outcome and no request of a live node for its answer.
     fn quiet(&self) -> bool {
-        self.clients.iter().all(|c| c.pending.is_empty())
+        self.clients
+            .iter()
+            .all(|c| c.pending.is_empty() && c.room_sends.is_empty())
             && !self
                 .requests
                 .keys()
@@ -1601,6 +1854,7 @@ pub fn run_plan(
     // At rest, past the longest a forward may wait, nothing is left in any table.
     sim.run_until(faults_end + plan.quiesce() + REST)?;
     sim.check_rest()?;
+    sim.check_memberships()?;
     sim.stats.sim_time = sim.now;
     Ok((sim.stats.clone(), sim.fault_mix.clone()))
 }
