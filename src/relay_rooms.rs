@@ -285,7 +285,7 @@ impl Relay {
         self.arm_sweep(now);
         let (req, open) = self.open_request(now);
         if open {
-            self.room_send(now, RoomWaiter::Api(req), msg);
+            self.room_send(now, RoomWaiter::Api(req), msg, true);
         }
         self.carry_out(now);
         req
@@ -391,9 +391,9 @@ impl Relay {
             session,
             id: id.clone(),
         };
-        if !self.rooms.users.contains(&from, &room) {
-            return self.room_answer(waiter, &room, RoomAnswer::Refused(FailReason::Forbidden));
-        }
+        // A user this node does not know as a member may still be one: after a ring change the
+        // room's owner can know it before this node does. The room's owner decides.
+        let vouched = self.rooms.users.contains(&from, &room);
         let msg = Message {
             from,
             id,
@@ -404,7 +404,7 @@ impl Relay {
             room: Some(room),
             except: Some(session),
         };
-        self.room_send(now, waiter, msg);
+        self.room_send(now, waiter, msg, vouched);
     }
 
     // ----- joins and leaves (on the user's owner) ------------------------------------------
@@ -624,22 +624,31 @@ impl Relay {
     // ----- room sends ---------------------------------------------------------------------
 
     /// Sends a room message (its `room` set) to the room's owner, or fans it out here.
-    fn room_send(&mut self, now: Instant, waiter: RoomWaiter, msg: Message) {
+    /// `vouched`: the sender is known here as a member (or is the backend).
+    fn room_send(&mut self, now: Instant, waiter: RoomWaiter, msg: Message, vouched: bool) {
         let room = msg.room.clone().expect("a room message");
         match self.route(&room_key(&room)) {
             Route::Local => {
                 let me = self.me.clone();
-                self.fan_out(now, waiter, msg, &me);
+                let from = msg.from.clone();
+                let learnt = !vouched && self.rooms.rooms.contains(&room, &from);
+                self.fan_out(now, waiter, msg, &me, vouched);
+                if learnt {
+                    self.add_user_room(&from, &room, Some(me));
+                }
             }
             Route::Remote(node) => {
                 let req = self.next_tag();
                 let limit = self.forward_max_age;
-                if self.room_wait(now, req, &node, waiter, &room, None, limit) {
+                // An unvouched sender is recorded as a member if the room's owner says so.
+                let learn = (!vouched).then(|| msg.from.clone());
+                if self.room_wait(now, req, &node, waiter, &room, learn, limit) {
                     let frame = PeerFrame::RoomSend {
                         req,
                         msg: WireMessage::from_room_message(&msg, &room),
                         transient: msg.transient,
                         except: msg.except,
+                        vouched,
                     };
                     self.metrics.messages_forwarded.inc();
                     self.out.push_back(Output::Peer { node, frame });
@@ -654,10 +663,20 @@ impl Relay {
     /// On the room's owner: one `RoomDeliver` per node with members (per chunk that fits a
     /// frame); the members here go to a local batch. `from_node` is the sender's node, the
     /// only one whose frame carries the sending session to leave out.
-    fn fan_out(&mut self, now: Instant, waiter: RoomWaiter, msg: Message, from_node: &NodeId) {
+    fn fan_out(
+        &mut self,
+        now: Instant,
+        waiter: RoomWaiter,
+        msg: Message,
+        from_node: &NodeId,
+        vouched: bool,
+    ) {
         let room = msg.room.clone().expect("a room message");
         self.metrics.room_sends.inc();
         if &*msg.from != crate::uid::SYSTEM_SENDER && !self.rooms.rooms.contains(&room, &msg.from) {
+            if !vouched {
+                return self.room_answer(waiter, &room, RoomAnswer::Refused(FailReason::Forbidden));
+            }
             // The sender's owner vouches for the membership (it checked it): this side had not
             // heard of it yet (a re-announcement on its way).
             if self
@@ -948,6 +967,7 @@ impl Relay {
                 msg,
                 transient,
                 except,
+                vouched,
             } => {
                 let waiter = RoomWaiter::Remote {
                     node: from.clone(),
@@ -962,7 +982,7 @@ impl Relay {
                     Some(mut m) => {
                         m.room = Some(room);
                         m.except = except;
-                        self.fan_out(now, waiter, m, from);
+                        self.fan_out(now, waiter, m, from, vouched);
                     }
                     None => {
                         tracing::warn!(peer = %from, "refused a room message from a peer");
@@ -1025,9 +1045,16 @@ impl Relay {
                     return;
                 }
                 let w = self.rooms.waits.remove(&req).expect("present");
-                if let (Some(uid), RoomAnswer::Joined(_)) = (&w.joining, &answer) {
-                    self.add_user_room(uid, &w.room, Some(from.clone()));
-                    self.tell_sessions(uid, &w.room, &answer, &w.waiter);
+                match (&w.joining, &answer) {
+                    (Some(uid), RoomAnswer::Joined(_)) => {
+                        self.add_user_room(uid, &w.room, Some(from.clone()));
+                        self.tell_sessions(uid, &w.room, &answer, &w.waiter);
+                    }
+                    // An unvouched sender the room's owner knows as a member.
+                    (Some(uid), RoomAnswer::Result(_)) => {
+                        self.add_user_room(uid, &w.room, Some(from.clone()))
+                    }
+                    _ => {}
                 }
                 self.room_answer(w.waiter, &w.room, answer);
             }

@@ -710,3 +710,61 @@ fn memberships_are_reannounced_to_a_new_owner_at_a_bounded_rate() {
     assert_eq!(r.membership_counts().0, total - to_n3);
     assert_eq!(r.status().rooms, 0, "nothing left to announce");
 }
+
+/// A user this node does not know as a member of a room (the re-announcement after a ring
+/// change is on its way) may still send: the room's owner decides, and its `Result` teaches
+/// this node the membership.
+#[test]
+fn an_unknown_membership_is_checked_by_the_rooms_owner() {
+    let now = t0();
+    let (mut r, v) = cluster_relay("n1", &["n1", "n2"], RelayConfig::default());
+    let uid = uid_with_primary(&v, "n1");
+    let room = room_on(&v, "n2");
+    open(&mut r, now, 1, &uid, 0);
+    drain(&mut r);
+    r.handle_client(
+        now,
+        ClientEvent::RoomSend {
+            session: 1,
+            id: "s1".into(),
+            room: room.clone(),
+            body: body_of("1"),
+            ts: 1,
+            transient: false,
+        },
+    );
+    let out = drain(&mut r);
+    let req = match peer_frames(&out)[..] {
+        [("n2", PeerFrame::RoomSend { req, vouched, .. })] => {
+            assert!(!vouched, "not vouched for");
+            *req
+        }
+        ref other => panic!("{other:?}"),
+    };
+    assert!(r.rooms_of(&uid).is_empty());
+    let tally = RoomTally {
+        members: 2,
+        delivered: 2,
+        ..RoomTally::default()
+    };
+    let frame = PeerFrame::RoomReply {
+        req,
+        answer: RoomAnswer::Result(tally),
+    };
+    r.handle_link(
+        now,
+        LinkEvent::Frame {
+            from: Arc::from("n2"),
+            frame,
+        },
+    );
+    assert_eq!(r.rooms_of(&uid), vec![Arc::<str>::from(room.as_str())]);
+    let out = drain(&mut r);
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Session {
+            session: 1,
+            frame: ServerFrame::RoomResult { delivered: 2, .. }
+        }
+    )));
+}

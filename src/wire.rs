@@ -299,6 +299,9 @@ pub enum PeerFrame {
         transient: bool,
         /// The sending session on the sender's node, which must not get the message.
         except: Option<u64>,
+        /// The sender's owner knows the sender is a member (else the room's owner checks it,
+        /// and refuses `forbidden` a sender it does not know either).
+        vouched: bool,
     },
     /// Room owner to a member's node: deliver `msg` to these members; answer `RoomTally`
     /// once every delivery ended.

@@ -10,7 +10,11 @@
 //! - every send ends in `delivered` (the SDK resends what fails `unreachable`/`timeout`/`offline`);
 //! - no message reaches an application twice;
 //! - every node is healthy and all agree on the membership and the ring;
-//! - no node log contains a panic.
+//! - no node log contains a panic;
+//! - rooms: every client joined one room and sends one message in five there; every room send
+//!   ends in a `room_result` (never `forbidden`: no membership is lost), no member's
+//!   application gets a room message twice, a room send made and answered in a calm window
+//!   reached all 40 members, and the room's owner counts 40 members at the end.
 //!
 //! It prints the re-home time after each kill: from the signal until every client that lived on
 //! the node is welcomed again elsewhere (p50, p99, max).
@@ -22,10 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chaos_support::{
-    World, clients_on, percentiles, rehomed, spawn_clients, wait_delivered, wait_settled,
+    ROOM, World, clients_on, percentiles, rehomed, spawn_clients, wait_delivered, wait_settled,
     wait_until,
 };
-use imgate::client::SendOutcome;
+use imgate::client::{RoomSendOutcome, SendOutcome};
 use imgate::protocol::FailReason;
 use proc_support::ProcCluster;
 use serde_json::Value;
@@ -51,7 +55,8 @@ async fn chaos_kill_term_pause_restart() {
     let stop = CancellationToken::new();
     let tasks = spawn_clients(&uids, &nodes, &world, &sending, &stop);
     wait_until(Duration::from_secs(30), || {
-        world.lock().unwrap().at.len() == CLIENTS
+        let w = world.lock().unwrap();
+        w.at.len() == CLIENTS && w.joined.len() == CLIENTS
     })
     .await;
     // Calm windows: from when every client is at its owner until the next fault starts.
@@ -128,7 +133,9 @@ async fn chaos_kill_term_pause_restart() {
         loop {
             {
                 let w = world.lock().unwrap();
-                if w.outcomes.len() + w.errors.len() == w.sent.len() {
+                if w.outcomes.len() + w.room_outcomes.len() + w.errors.len()
+                    == w.sent.len() + w.room_sent.len()
+                {
                     break;
                 }
             }
@@ -192,6 +199,7 @@ async fn chaos_kill_term_pause_restart() {
     assert!(lost.is_empty(), "delivered but never received: {lost:?}");
     let dups: Vec<_> = w.received.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dups.is_empty(), "surfaced twice: {dups:?}");
+    check_rooms(&w, &calm);
     println!(
         "sends {}, delivered {}, received {}, resent {}, duplicates suppressed {}, sessions {}, in {:?}",
         w.sent.len(),
@@ -224,11 +232,64 @@ async fn chaos_kill_term_pause_restart() {
         assert_eq!(get(format!("{}/health", p.http)).await["status"], "ok");
     }
     assert!(rings.windows(2).all(|w| w[0] == w[1]), "{rings:?}");
+    let room = http
+        .get(format!("{}/api/rooms/{ROOM}", c.procs[0].http))
+        .bearer_auth("dev-api-key")
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(room["members"], CLIENTS as u64, "{room}");
     assert_eq!(rings[0].as_array().unwrap().len(), NODES);
     for i in 0..NODES {
         let log = c.log(i);
         assert!(!log.contains("panicked"), "node {i} panicked:\n{log}");
     }
+}
+
+/// Rooms: every room send ended in a result (a membership lost would show as `forbidden`), no
+/// member got a room message twice, and in a calm window every member got it.
+fn check_rooms(w: &World, calm: &[(Instant, Instant)]) {
+    let refused: Vec<_> = w
+        .room_outcomes
+        .iter()
+        .filter(|(_, (o, _))| matches!(o, RoomSendOutcome::Failed(_)))
+        .take(10)
+        .collect();
+    assert!(refused.is_empty(), "room sends refused: {refused:?}");
+    let dups: Vec<_> = w.room_received.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dups.is_empty(), "room messages surfaced twice: {dups:?}");
+    let mut in_calm = 0;
+    for (key, (outcome, answered)) in &w.room_outcomes {
+        let written = w.room_sent[key];
+        if !calm
+            .iter()
+            .any(|(from, to)| written >= *from && answered <= to)
+        {
+            continue;
+        }
+        in_calm += 1;
+        assert_eq!(
+            *outcome,
+            RoomSendOutcome::Done {
+                members: CLIENTS as u32,
+                delivered: CLIENTS as u32,
+                offline: 0,
+                failed: 0
+            },
+            "room send {key:?} in a calm window"
+        );
+    }
+    assert!(in_calm >= 20, "only {in_calm} room sends in calm windows");
+    println!(
+        "room sends {}, in calm windows {in_calm}, room messages received {}, rooms joined \
+         again by SDKs {}",
+        w.room_sent.len(),
+        w.room_received.len(),
+        w.rejoined
+    );
 }
 
 /// What the nodes answered, before any SDK retry: only reasons a fault explains, and in a calm

@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imgate::client::{Attempt, Client, ClientConfig, ClientStats, Event, SendOutcome};
+use imgate::client::{
+    Attempt, Client, ClientConfig, ClientStats, Event, Membership, RoomSendOutcome, SendOutcome,
+};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +46,20 @@ pub struct World {
     pub sessions: u64,
     /// Every answer a node gave to an attempt, before the SDK retried: (sender, attempt).
     pub attempts: Vec<(String, Attempt)>,
+    /// Clients whose `join` of [`ROOM`] was answered `joined`.
+    pub joined: HashSet<String>,
+    /// Room sends made: (sender, id) -> when.
+    pub room_sent: HashMap<(String, String), Instant>,
+    /// Their outcomes, and when they came.
+    pub room_outcomes: HashMap<(String, String), (RoomSendOutcome, Instant)>,
+    /// Room messages as applications received them: (receiver, from, id) -> how often.
+    pub room_received: HashMap<(String, String, String), u32>,
+    /// Rooms the SDKs joined again because a `welcome` lacked them.
+    pub rejoined: u64,
 }
+
+/// The room every chaos client joins; one send in five goes there.
+pub const ROOM: &str = "chaos-room";
 
 pub fn client_config(nodes: &[String], uid: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new(nodes.to_vec(), uid);
@@ -72,12 +87,33 @@ pub fn spawn_client(
         let mut tick = tokio::time::interval(Duration::from_millis(150));
         let mut n = 0u64;
         let mut outcomes = tokio::task::JoinSet::new();
+        if let Ok(join) = client.join(ROOM) {
+            let (world, uid) = (world.clone(), uid.clone());
+            outcomes.spawn(async move {
+                if let Ok(Membership::Joined { .. }) = join.await {
+                    world.lock().unwrap().joined.insert(uid);
+                }
+            });
+        }
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {
                     if !sending.load(std::sync::atomic::Ordering::Relaxed) { continue }
-                    n += 1;
+                                        n += 1;
+                    if n.is_multiple_of(5) && world.lock().unwrap().joined.contains(&uid) {
+                        let Ok(pending) = client.send_room(ROOM, json!({"n": n})) else { continue };
+                        let key = (uid.clone(), pending.id().to_string());
+                        world.lock().unwrap().room_sent.insert(key.clone(), Instant::now());
+                        let world = world.clone();
+                        outcomes.spawn(async move {
+                            match pending.await {
+                                Ok(o) => { world.lock().unwrap().room_outcomes.insert(key, (o, Instant::now())); }
+                                Err(e) => { world.lock().unwrap().errors.push((key.0, key.1, e.to_string())); }
+                            }
+                        });
+                        continue;
+                    }
                     let to = peers[(n as usize * 7 + uid.len()) % peers.len()].clone();
                     let id = format!("{uid}-{n}");
                     let Ok(pending) = client.send_with_id(&id, &to, json!({"n": n})) else { continue };
@@ -96,8 +132,12 @@ pub fn spawn_client(
                     });
                 }
                 m = incoming.recv() => {
-                    let Some(m) = m else { break };
-                    *world.lock().unwrap().received.entry((m.from, m.id)).or_default() += 1;
+                                        let Some(m) = m else { break };
+                    let mut w = world.lock().unwrap();
+                    match m.room {
+                        Some(_) => *w.room_received.entry((uid.clone(), m.from, m.id)).or_default() += 1,
+                        None => *w.received.entry((m.from, m.id)).or_default() += 1,
+                    }
                 }
                 e = events.recv() => {
                     if let Some(Event::Connected { node, .. }) = e {
@@ -119,6 +159,7 @@ fn add_stats(w: &mut World, s: &ClientStats) {
     w.resent += get(&s.resent);
     w.suppressed += get(&s.duplicates);
     w.sessions += get(&s.sessions);
+    w.rejoined += get(&s.rejoined);
 }
 
 /// One client per uid, each sending to all the others in turn.
