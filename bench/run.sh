@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
-  USERS=60; SECONDS_=3; IDLE=2000,5000; FAIL_USERS=200; LOGIN_S=2
+  USERS=60; SECONDS_=3; IDLE=2000,5000; FAIL_USERS=200; LOGIN_S=2; MEMBERS=100
 else
-  USERS=300; SECONDS_=10; IDLE=10000,50000,100000; FAIL_USERS=1000; LOGIN_S=5
+  USERS=300; SECONDS_=10; IDLE=10000,50000,100000; FAIL_USERS=1000; LOGIN_S=5; MEMBERS=1000
   # 50k and 100k need an open-file limit above 100k; the bench clamps to the limit it has.
 fi
 
@@ -50,5 +50,15 @@ for run in $(seq "$RUNS"); do
   echo "== failover (run $run)"
   $B --json-out "$OUT" failover --users "$FAIL_USERS"
 done
+
+# Rooms: one room of $MEMBERS members over 3 nodes, 10 senders; and membership memory.
+for run in $(seq "$RUNS"); do
+  for t in imgate socketio; do
+    echo "== room $t (run $run)"
+    $B --json-out "$OUT" room --target "$t" --members "$MEMBERS" --senders 10 --window 4 --seconds "$SECONDS_"
+  done
+done
+echo "== room memory"
+target/release/examples/room_memory --rooms 1000 --members 1000 | tail -1 >> "$OUT"
 
 python3 bench/summarize.py "$OUT"

@@ -74,6 +74,26 @@ def main():
         print(f"orphans {mmm([r['orphans'] for r in fo])}; re-home p50 {mmm([round(r['rehome_p50_ms']) for r in fo])} ms; "
               f"p99 {mmm([round(r['rehome_p99_ms']) for r in fo])} ms; max {mmm([round(r['rehome_max_ms']) for r in fo])} ms")
 
+    rooms = {t: [r for r in rows if r["scenario"] == "room" and r["target"] == t]
+             for t in ("imgate", "socketio")}
+    if rooms["imgate"]:
+        m = rooms["imgate"][0]["members"]
+        print(f"\n## room ({m} members over 3 nodes, {rooms['imgate'][0]['senders']} senders)")
+        for t, rs in rooms.items():
+            if rs:
+                print(f"- {t}: member-acked deliveries/s {mmm([r['member_acked_per_s'] for r in rs])}; "
+                      f"latency to the last member p50 {mmm([r['p50_ms'] for r in rs])} ms, "
+                      f"p99 {mmm([r['p99_ms'] for r in rs])} ms")
+        if rooms["socketio"]:
+            a = med([r["member_acked_per_s"] for r in rooms["imgate"]])
+            b = med([r["member_acked_per_s"] for r in rooms["socketio"]])
+            print(f"- ratio imgate / socketio (medians): {a / b:.2f}x")
+    for r in rows:
+        if r["scenario"] == "room_memory":
+            print(f"\n## room membership memory ({r['entries']} memberships): "
+                  f"{r['bytes_per_membership_room_side']} B per (user, room) on the room owner's side, "
+                  f"{r['bytes_per_membership_user_side']} B on the user owner's side")
+
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@
 //! cargo run --release --example bench -- idle --target imgate --sessions 10000,50000,100000
 //! cargo run --release --example bench -- login --concurrency 64 --seconds 5
 //! cargo run --release --example bench -- failover --users 1000
+//! cargo run --release --example bench -- room --target imgate --members 1000 --senders 10
 //! ```
 //! Each run starts its own servers (imgate nodes from the binary next to this example, the
 //! relay example, or `node bench/socketio/server.js` with a local `redis-server`), measures,
@@ -20,6 +21,11 @@
 //!   addresses; reports server RSS per session at each step.
 //! - `login`: logins/s against one imgate node with C concurrent clients.
 //! - `failover`: re-home time of the users of one of three imgate nodes after kill -9.
+//! - `room`: one room of M members spread over 3 nodes, S of them sending (W room sends
+//!   outstanding each); every member acks every room message. Reports member-acked
+//!   deliveries/s (the `delivered` of imgate's `room_result`, less the sender itself; the
+//!   sockets that acked `emitWithAck` for Socket.IO) and the latency from a send to its
+//!   result, which comes once the last member acked.
 
 #[path = "../tests/proc_support/mod.rs"]
 mod proc_support;
@@ -90,6 +96,24 @@ enum Scenario {
     Failover {
         #[arg(long, default_value_t = 1000)]
         users: usize,
+    },
+    /// One room over a 3-node cluster: member-acked deliveries/s and latency to the last
+    /// member.
+    Room {
+        #[arg(long, value_enum, default_value_t = Target::Imgate)]
+        target: Target,
+        /// Members of the room (each acks every room message).
+        #[arg(long, default_value_t = 1000)]
+        members: usize,
+        /// Members that send.
+        #[arg(long, default_value_t = 10)]
+        senders: usize,
+        /// Room sends outstanding per sender.
+        #[arg(long, default_value_t = 4)]
+        window: usize,
+        /// Measured seconds (after a 2 s warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
 }
 
@@ -747,6 +771,289 @@ async fn chat(
     }))
 }
 
+// ----- room ----------------------------------------------------------------------------------
+
+const ROOM: &str = "bench";
+/// The Socket.IO ack id of a member's `join`.
+const JOIN_ACK: u64 = 999_999_999;
+
+impl User {
+    /// Joins [`ROOM`] and waits for the answer.
+    async fn join_room(&mut self) -> anyhow::Result<()> {
+        let frame = match self.target {
+            Target::Imgate => format!(r#"{{"type":"join","room":"{ROOM}","id":"j"}}"#),
+            Target::Socketio => format!(r#"42{JOIN_ACK}["join",{{"room":"{ROOM}"}}]"#),
+            Target::Relay => bail!("the relay has no rooms"),
+        };
+        self.ws.send(Message::text(frame)).await?;
+        loop {
+            let t = next_text(&mut self.ws).await?;
+            let done = match self.target {
+                Target::Imgate => t.contains(r#""type":"joined""#),
+                _ => t.starts_with(&format!("43{JOIN_ACK}")),
+            };
+            if done {
+                return Ok(());
+            }
+            if t.contains(r#""type":"failed""#) {
+                bail!("join refused: {t}");
+            }
+        }
+    }
+
+    fn room_frame(&self, id: u64) -> Message {
+        match self.target {
+            Target::Imgate => Message::text(format!(
+                r#"{{"type":"send","id":"{id}","room":"{ROOM}","body":"{BODY}"}}"#
+            )),
+            _ => Message::text(format!(
+                r#"42{id}["room_send",{{"room":"{ROOM}","id":"{id}","body":"{BODY}"}}]"#
+            )),
+        }
+    }
+}
+
+/// What a room member sees in a frame.
+enum RoomSeen {
+    /// A room send of ours ended: members that acked (`None`: it failed).
+    Result {
+        id: u64,
+        delivered: Option<u64>,
+    },
+    /// A reply to write (an ack, a pong).
+    Reply(Message),
+    Nothing,
+}
+
+fn classify_room(target: Target, text: &str) -> RoomSeen {
+    match target {
+        Target::Imgate => {
+            // Most frames are `msg` (the node writes `type` then `seq` first): acked without
+            // parsing the rest, as cheaply as the Socket.IO side's prefix check.
+            if let Some(rest) = text.strip_prefix(r#"{"type":"msg","seq":"#) {
+                let seq: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                return RoomSeen::Reply(Message::text(format!(r#"{{"type":"ack","seq":{seq}}}"#)));
+            }
+            let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+            let id = || v["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+            match v["type"].as_str() {
+                Some("msg") => RoomSeen::Reply(Message::text(format!(
+                    r#"{{"type":"ack","seq":{}}}"#,
+                    v["seq"]
+                ))),
+                // The sender is a member too, counted delivered without an ack of its own:
+                // the members that acked are one fewer.
+                Some("room_result") => RoomSeen::Result {
+                    id: id(),
+                    delivered: v["delivered"].as_u64().map(|d| d.saturating_sub(1)),
+                },
+                Some("failed") => RoomSeen::Result {
+                    id: id(),
+                    delivered: None,
+                },
+                _ => RoomSeen::Nothing,
+            }
+        }
+        _ => match classify(target, "", text) {
+            Seen::Reply(r) => RoomSeen::Reply(r),
+            Seen::Outcome { id, .. } => {
+                // 43<id>[{"status":"done","delivered":n,...}]
+                let body = text.split_once('[').map_or("", |(_, b)| b);
+                let v: Value =
+                    serde_json::from_str(body.trim_end_matches(']')).unwrap_or(Value::Null);
+                RoomSeen::Result {
+                    id,
+                    delivered: (v["status"] == "done")
+                        .then(|| v["delivered"].as_u64().unwrap_or(0)),
+                }
+            }
+            Seen::Nothing => RoomSeen::Nothing,
+        },
+    }
+}
+
+struct RoomResult {
+    results: u64,
+    deliveries: u64,
+    failed: u64,
+    received: u64,
+    hist: Histogram<u64>,
+}
+
+async fn room_member(
+    mut user: User,
+    window: usize,
+    start_at: Instant,
+    measure_from: Instant,
+    end_at: Instant,
+) -> RoomResult {
+    let mut r = RoomResult {
+        results: 0,
+        deliveries: 0,
+        failed: 0,
+        received: 0,
+        hist: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+    };
+    let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(window * 2);
+    let mut next_id: u64 = 1;
+    tokio::time::sleep_until(start_at.into()).await;
+    let mut refill = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        if Instant::now() >= end_at {
+            break;
+        }
+        let mut wrote = false;
+        while sent_at.len() < window {
+            if user.ws.feed(user.room_frame(next_id)).await.is_err() {
+                return r;
+            }
+            sent_at.insert(next_id, Instant::now());
+            next_id += 1;
+            wrote = true;
+        }
+        if wrote && user.ws.flush().await.is_err() {
+            break;
+        }
+        let m = tokio::select! {
+            m = user.ws.next() => m,
+            _ = refill.tick() => continue,
+            _ = tokio::time::sleep_until(end_at.into()) => break,
+        };
+        let Some(Ok(Message::Text(t))) = m else {
+            if matches!(m, None | Some(Err(_))) {
+                break;
+            }
+            continue;
+        };
+        match classify_room(user.target, &t) {
+            RoomSeen::Result { id, delivered } => {
+                if let Some(at) = sent_at.remove(&id) {
+                    let now = Instant::now();
+                    if now >= measure_from {
+                        match delivered {
+                            Some(d) => {
+                                r.results += 1;
+                                r.deliveries += d;
+                                let _ = r.hist.record((now - at).as_micros().max(1) as u64);
+                            }
+                            None => r.failed += 1,
+                        }
+                    }
+                }
+            }
+            RoomSeen::Reply(m) => {
+                if Instant::now() >= measure_from {
+                    r.received += 1;
+                }
+                if user.ws.send(m).await.is_err() {
+                    break;
+                }
+            }
+            RoomSeen::Nothing => {}
+        }
+    }
+    r
+}
+
+async fn room(
+    target: Target,
+    members: usize,
+    senders: usize,
+    window: usize,
+    seconds: f64,
+) -> anyhow::Result<Value> {
+    let fds = raise_fd_limit();
+    if members + 200 > fds as usize {
+        bail!("{members} members need more than the open-file limit of {fds}");
+    }
+    let servers = match target {
+        Target::Imgate => start_imgate(3).await?,
+        Target::Socketio => start_socketio(3).await?,
+        Target::Relay => bail!("the relay has no rooms"),
+    };
+    let http = reqwest::Client::new();
+    let mut users = Vec::with_capacity(members);
+    for i in 0..members {
+        let uid = format!("m{i}");
+        let entry = &servers.list[i % servers.list.len()].addr;
+        let (addr, token) = match target {
+            Target::Imgate => {
+                let (token, owner) = login_token(&http, entry, &uid).await?;
+                (owner, Some(token))
+            }
+            _ => (entry.clone(), None),
+        };
+        let mut u = User::connect(target, &addr, &uid, token.as_deref(), (1 + i % 200) as u8)
+            .await
+            .with_context(|| format!("connecting {uid}"))?;
+        u.join_room()
+            .await
+            .with_context(|| format!("{uid} joining"))?;
+        users.push(u);
+    }
+    let spread: HashMap<String, usize> = users.iter().fold(HashMap::new(), |mut m, u| {
+        *m.entry(u.addr.clone()).or_default() += 1;
+        m
+    });
+    let start_at = Instant::now() + Duration::from_millis(200);
+    let measure_from = start_at + Duration::from_secs(2);
+    let end_at = measure_from + Duration::from_secs_f64(seconds);
+    // Senders spread over the nodes: every members/senders-th member.
+    let step = (members / senders.max(1)).max(1);
+    let mut tasks = Vec::new();
+    for (i, u) in users.into_iter().enumerate() {
+        let w = if i % step == 0 && i / step < senders {
+            window
+        } else {
+            0
+        };
+        tasks.push(tokio::spawn(room_member(
+            u,
+            w,
+            start_at,
+            measure_from,
+            end_at,
+        )));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_before: Vec<f64> = servers.list.iter().map(|s| cpu_seconds(s.pid())).collect();
+    let wall = Instant::now();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut results, mut deliveries, mut failed, mut received) = (0, 0, 0, 0);
+    for t in tasks {
+        let r = t.await?;
+        results += r.results;
+        deliveries += r.deliveries;
+        failed += r.failed;
+        received += r.received;
+        hist.add(&r.hist)?;
+    }
+    let wall = wall.elapsed().as_secs_f64().max(seconds);
+    let per_server: Vec<Value> = servers
+        .list
+        .iter()
+        .zip(cpu_before)
+        .map(|(s, before)| {
+            json!({
+                "name": s.name,
+                "cpu_pct": ((cpu_seconds(s.pid()) - before) / wall * 100.0).round(),
+                "peak_rss_mib": (status_kib(s.pid(), "VmHWM:") as f64 / 1024.0 * 10.0).round() / 10.0,
+            })
+        })
+        .collect();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(json!({
+        "scenario": "room", "target": target.name(), "members": members, "senders": senders,
+        "window": window, "seconds": seconds, "members_per_node": spread.values().collect::<Vec<_>>(),
+        "member_acked_per_s": (deliveries as f64 / seconds).round(),
+        "room_sends_per_s": (results as f64 / seconds).round(),
+        "msgs_received_per_s": (received as f64 / seconds).round(),
+        "results": results, "failed": failed,
+        "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": hist.max() as f64 / 1000.0,
+        "servers": per_server,
+    }))
+}
+
 // ----- idle ----------------------------------------------------------------------------------
 
 async fn idle(target: Target, steps: Vec<usize>) -> anyhow::Result<Value> {
@@ -1001,6 +1308,13 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         } => login(concurrency, seconds).await?,
         Scenario::Failover { users } => failover(users).await?,
+        Scenario::Room {
+            target,
+            members,
+            senders,
+            window,
+            seconds,
+        } => room(target, members, senders, window, seconds).await?,
     };
     print_table(&result);
     let line = result.to_string();

@@ -72,3 +72,38 @@ fn idle_login_failover() {
     let v = run(&["failover", "--users", "20"]);
     assert!(v["orphans"].as_u64().unwrap() > 0, "{v}");
 }
+
+#[test]
+fn room_imgate_and_membership_memory() {
+    let v = run(&[
+        "room",
+        "--target",
+        "imgate",
+        "--members",
+        "12",
+        "--senders",
+        "2",
+        "--window",
+        "2",
+        "--seconds",
+        "1",
+    ]);
+    assert!(v["results"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    // Every result counts the 11 other members, each acked.
+    assert!(
+        v["member_acked_per_s"].as_f64().unwrap() >= v["room_sends_per_s"].as_f64().unwrap() * 10.0,
+        "{v}"
+    );
+    // The membership memory target holds (a count of bytes, not a timing).
+    let exe = bench_binary().with_file_name("room_memory");
+    let out = Command::new(&exe)
+        .args(["--rooms", "20", "--members", "1000", "--users", "5000"])
+        .output()
+        .expect("room_memory runs");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let per = v["bytes_per_membership_room_side"].as_f64().unwrap();
+    assert!(per > 30.0 && per <= 200.0, "{v}");
+}

@@ -16,6 +16,13 @@
 //       no socket -> {status: "failed", reason: "offline", id}
 //       timeout   -> {status: "failed", reason: "timeout", id}
 //
+// Rooms (the `bench room` scenario, Socket.IO's own rooms over the Redis adapter):
+//   - "join" {room} with an ack callback: socket.join("room:" + room), acked {status: "joined"};
+//   - "room_send" {room, id, body} with an ack callback: "msg" {from, id, body, ts, room} to
+//     every other socket of the room with emitWithAck, so the sender's ack fires once every
+//     member socket (on any node) acked: {status: "done", delivered: <sockets that acked>, id},
+//     or {status: "failed", reason: "timeout", id}.
+//
 // Prints "ready <port>" on stdout once listening; exits cleanly on SIGTERM/SIGINT.
 "use strict";
 
@@ -74,6 +81,35 @@ async function main() {
     const uid = socket.handshake.auth.uid;
     socket.data.uid = uid;
     socket.join(uid);
+
+        socket.on("join", (payload, ack) => {
+      const reply = typeof ack === "function" ? ack : () => {};
+      if (payload === null || typeof payload !== "object" || typeof payload.room !== "string") {
+        reply({ status: "failed", reason: "bad_request" });
+        return;
+      }
+      socket.join(`room:${payload.room}`);
+      reply({ status: "joined" });
+    });
+
+    socket.on("room_send", async (payload, ack) => {
+      const reply = typeof ack === "function" ? ack : () => {};
+      if (payload === null || typeof payload !== "object" || typeof payload.room !== "string") {
+        reply({ status: "failed", reason: "bad_request", id: payload && payload.id });
+        return;
+      }
+      const { room, id, body } = payload;
+      try {
+        const res = await io
+          .to(`room:${room}`)
+          .except(socket.id)
+          .timeout(ACK_TIMEOUT_MS)
+          .emitWithAck("msg", { from: uid, id, body, ts: Date.now(), room });
+        reply({ status: "done", delivered: res.length, id });
+      } catch (_err) {
+        reply({ status: "failed", reason: "timeout", id });
+      }
+    });
 
     socket.on("send", async (payload, ack) => {
       const reply = typeof ack === "function" ? ack : () => {};
