@@ -161,6 +161,7 @@ impl Webhooks {
                 to: &m.to,
                 id: &m.id,
                 body: &m.body,
+                room: m.room.as_deref(),
             }),
             Event::Connect { uid, session } | Event::Disconnect { uid, session } => {
                 serde_json::to_vec(&SessionPayload {
@@ -205,6 +206,9 @@ struct OfflinePayload<'a> {
     to: &'a str,
     id: &'a str,
     body: &'a RawValue,
+    /// The room, for a room message that ended `offline` for the member `to`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
 }
 
 #[derive(Serialize)]

@@ -134,7 +134,35 @@ async fn every_event_is_posted_and_signed() {
     assert_eq!(
         offline,
         json!({"event": "offline", "node": "n1", "ts": offline["ts"], "from": "alice",
-               "to": "bob", "id": "m1", "body": {"text": "are you there?"}})
+                              "to": "bob", "id": "m1", "body": {"text": "are you there?"}})
+    );
+
+    // A room message that ends `offline` for a member names the room.
+    alice
+        .send_frame(json!({"type": "join", "room": "team", "id": "j"}))
+        .await;
+    assert_eq!(alice.expect("joined").await["room"], "team");
+    let add = reqwest::Client::new()
+        .post(format!("{}/api/rooms/team/members", c.nodes[0].http_url()))
+        .bearer_auth("dev-api-key")
+        .json(&json!({"uid": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(add.status(), 200);
+    alice
+        .send_frame(json!({"type": "send", "id": "r1", "room": "team", "body": 1}))
+        .await;
+    let r = alice.expect("room_result").await;
+    assert_eq!(
+        (r["members"].as_u64(), r["offline"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let offline = next_event(&mut posts, "offline").await;
+    assert_eq!(
+        offline,
+        json!({"event": "offline", "node": "n1", "ts": offline["ts"], "from": "alice",
+               "to": "bob", "id": "r1", "body": 1, "room": "team"})
     );
 
     drop(alice);
