@@ -226,7 +226,24 @@ async fn start_relay() -> anyhow::Result<Servers> {
     })
 }
 
+/// Starts Redis and `n` Socket.IO processes; a start that does not come up (a port taken
+/// meanwhile, loopback ports still in TIME_WAIT) is tried again on other ports, three times
+/// in all.
 async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
+    let mut last = None;
+    for attempt in 1..=3 {
+        match start_socketio_once(n).await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                println!("  socket.io cluster did not come up (attempt {attempt}): {e}");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("three attempts"))
+}
+
+async fn start_socketio_once(n: usize) -> anyhow::Result<Servers> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/socketio");
     if !dir.join("node_modules").exists() {
         bail!("bench/socketio/node_modules missing: run bench/setup.sh");
@@ -244,6 +261,12 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
         .stdout(Stdio::null())
         .spawn()
         .context("starting redis-server (bench/setup.sh installs it)")?;
+    // Owned by `servers` from here, so that a start that fails kills what it started.
+    let mut servers = Servers {
+        list: Vec::new(),
+        redis: Some(redis),
+        _cluster: None,
+    };
     let raddr = format!("127.0.0.1:{redis_port}");
     // After the idle scenario's tens of thousands of connections, loopback ports sit in
     // TIME_WAIT for up to 60 s and a connect may fail until they drain.
@@ -251,7 +274,6 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
         tokio::net::TcpStream::connect(&raddr).await.is_ok()
     })
     .await?;
-    let mut list = Vec::new();
     for i in 0..n {
         let port = proc_support::free_tcp();
         let child = Command::new("node")
@@ -261,23 +283,19 @@ async fn start_socketio(n: usize) -> anyhow::Result<Servers> {
             .stdout(Stdio::null())
             .spawn()
             .context("starting node")?;
-        list.push(Server {
+        servers.list.push(Server {
             name: format!("sio{}", i + 1),
             child,
             addr: format!("127.0.0.1:{port}"),
         });
     }
-    for s in &list {
+    for s in &servers.list {
         wait_for(Duration::from_secs(75), || async {
             tokio::net::TcpStream::connect(&s.addr).await.is_ok()
         })
         .await?;
     }
-    Ok(Servers {
-        list,
-        redis: Some(redis),
-        _cluster: None,
-    })
+    Ok(servers)
 }
 
 async fn wait_for<F, Fut>(limit: Duration, mut probe: F) -> anyhow::Result<()>
