@@ -315,8 +315,11 @@ pub struct Engine {
     dedup_order: VecDeque<(Instant, DedupKey)>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     held_count: usize,
-    /// Sum of the body lengths of `deliveries`, for `max_held_bytes`.
+    /// Bytes of the distinct bodies of `deliveries`, for `max_held_bytes`: the members of a
+    /// room share one body, which is counted once.
     delivery_bytes: usize,
+    /// Deliveries per body (by the address of its shared allocation).
+    bodies: HashMap<usize, u32>,
     /// Sessions found over their un-acked bound, closed once the current input is done (closing
     /// in the middle of a fan-out would re-place the message onto sessions it is about to reach).
     slow: Vec<SessionId>,
@@ -347,6 +350,7 @@ impl Engine {
             timers: BinaryHeap::new(),
             held_count: 0,
             delivery_bytes: 0,
+            bodies: HashMap::new(),
             slow: Vec::new(),
             offline: Vec::new(),
         }
@@ -497,7 +501,7 @@ impl Engine {
             let Some(d) = self.deliveries.remove(&did) else {
                 continue;
             };
-            self.delivery_bytes -= d.msg.body.get().len();
+            self.release_body(&d.msg.body);
             if d.held_until.is_some() {
                 self.held_count -= 1;
             }
@@ -724,7 +728,12 @@ impl Engine {
             }
             None => {}
         }
-        let bytes = msg.body.get().len();
+        // A body another delivery holds already (a room message) costs nothing more.
+        let bytes = if self.bodies.contains_key(&body_key(&msg.body)) {
+            0
+        } else {
+            msg.body.get().len()
+        };
         if self.deliveries.len() >= self.cfg.max_deliveries
             || self.delivery_bytes + bytes > self.cfg.max_held_bytes
         {
@@ -738,8 +747,7 @@ impl Engine {
         if !msg.transient {
             self.dedup.insert(key, Dedup::InFlight(did));
         }
-        self.delivery_bytes += bytes;
-        self.metrics.delivery_bytes.set(self.delivery_bytes as i64);
+        self.hold_body(&msg.body);
         self.deliveries.insert(
             did,
             Delivery {
@@ -831,9 +839,31 @@ impl Engine {
         self.deliveries.len()
     }
 
-    /// Bytes of bodies in delivery (pushed or held) on this node.
+    /// Bytes of the bodies in delivery (pushed or held) on this node, each shared body once.
     pub fn delivery_bytes(&self) -> usize {
         self.delivery_bytes
+    }
+
+    fn hold_body(&mut self, body: &Body) {
+        let n = self.bodies.entry(body_key(body)).or_insert(0);
+        if *n == 0 {
+            self.delivery_bytes += body.get().len();
+            self.metrics.delivery_bytes.set(self.delivery_bytes as i64);
+        }
+        *n += 1;
+    }
+
+    fn release_body(&mut self, body: &Body) {
+        let key = body_key(body);
+        let Some(n) = self.bodies.get_mut(&key) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            self.bodies.remove(&key);
+            self.delivery_bytes -= body.get().len();
+            self.metrics.delivery_bytes.set(self.delivery_bytes as i64);
+        }
     }
 
     /// The messages that ended `failed: offline` since the last call (with `report_offline`;
@@ -1015,8 +1045,7 @@ impl Engine {
         let Some(d) = self.deliveries.remove(&did) else {
             return;
         };
-        self.delivery_bytes -= d.msg.body.get().len();
-        self.metrics.delivery_bytes.set(self.delivery_bytes as i64);
+        self.release_body(&d.msg.body);
         for (session, seq) in &d.pushes {
             if let Some(s) = self.sessions.get_mut(session) {
                 s.pending.remove(seq);
@@ -1082,6 +1111,12 @@ impl Engine {
             e.remove();
         }
     }
+}
+
+/// The identity of a shared body: the address of its allocation (alive as long as a delivery
+/// holds it, so no other body can have it meanwhile).
+fn body_key(body: &Body) -> usize {
+    Arc::as_ptr(body).cast::<u8>() as usize
 }
 
 fn d_mut(deliveries: &mut HashMap<DeliveryId, Delivery>, did: DeliveryId) -> &mut Delivery {

@@ -768,3 +768,43 @@ fn an_unknown_membership_is_checked_by_the_rooms_owner() {
         }
     )));
 }
+
+/// A room message to many members holds ONE body: every member's delivery shares it, and the
+/// engine's byte bound counts it once (a 64 KiB body to 10 000 members is 64 KiB, not 640 MiB).
+#[test]
+fn a_room_message_shares_one_body_among_its_members() {
+    let now = t0();
+    let mut cfg = RelayConfig {
+        max_room_memberships: 20_000,
+        ..RelayConfig::default()
+    };
+    // Room for the one body, not for two.
+    cfg.engine.max_held_bytes = 100 * 1024;
+    let mut r = relay("n1", cfg);
+    r.handle_view(now, view(&["n1"]));
+    for i in 0..10_000 {
+        r.room_member(now, "big", &format!("m{i}"), true);
+    }
+    drain(&mut r);
+    assert_eq!(r.members_of("big").len(), 10_000);
+    let body = body_of(&format!("\"{}\"", "x".repeat(64 * 1024 - 2)));
+    let msg = Message {
+        room: Some(Arc::from("big")),
+        ..Message::direct("$system", "p1", "big", body.clone(), 1)
+    };
+    r.room_push(now, msg);
+    drain(&mut r);
+    // Nobody is online: every member's delivery is held, each with the same body.
+    assert_eq!(r.engine().deliveries_in_flight(), 10_000);
+    assert!(
+        Arc::strong_count(&body) > 10_000,
+        "{}",
+        Arc::strong_count(&body)
+    );
+    assert_eq!(r.engine().delivery_bytes(), 64 * 1024);
+    // When the holds end, the body is released once.
+    r.handle_timeout(now + r.config().engine.hold + Duration::from_millis(1));
+    drain(&mut r);
+    assert_eq!(r.engine().delivery_bytes(), 0);
+    assert_eq!(Arc::strong_count(&body), 1);
+}
