@@ -576,6 +576,28 @@ fn ws_addr(url: &str) -> &str {
     url.trim_start_matches("ws://").trim_end_matches("/ws")
 }
 
+/// What a bench user's socket gave within one wait.
+enum Next {
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    /// Nothing to read (the refill tick, a non-text frame): go round again.
+    Idle,
+    /// The socket ended, or the run did.
+    End,
+}
+
+async fn next_in(ws: &mut Ws, refill: &mut tokio::time::Interval, end_at: Instant) -> Next {
+    let m = tokio::select! {
+        m = ws.next() => m,
+        _ = refill.tick() => return Next::Idle,
+        _ = tokio::time::sleep_until(end_at.into()) => return Next::End,
+    };
+    match m {
+        Some(Ok(Message::Text(t))) => Next::Text(t),
+        None | Some(Err(_)) => Next::End,
+        Some(Ok(_)) => Next::Idle,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn chat_user(
     mut user: User,
@@ -623,16 +645,10 @@ async fn chat_user(
         if wrote && user.ws.flush().await.is_err() {
             break;
         }
-        let m = tokio::select! {
-            m = user.ws.next() => m,
-            _ = refill.tick() => continue,
-            _ = tokio::time::sleep_until(end_at.into()) => break,
-        };
-        let Some(Ok(Message::Text(t))) = m else {
-            if matches!(m, None | Some(Err(_))) {
-                break;
-            }
-            continue;
+        let t = match next_in(&mut user.ws, &mut refill, end_at).await {
+            Next::Text(t) => t,
+            Next::Idle => continue,
+            Next::End => break,
         };
         match classify(user.target, &user.uid, &t) {
             Seen::Outcome { id, ok } => {
@@ -766,7 +782,21 @@ async fn chat(
         hist.add(&r.hist)?;
     }
     let wall = wall.elapsed().as_secs_f64().max(seconds);
-    let per_server: Vec<Value> = servers
+    let per_server = server_usage(&servers, cpu_before, wall);
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(json!({
+        "scenario": "chat", "target": target.name(), "users": users, "window": window,
+        "seconds": seconds, "rate_cap": rate, "cross_node_pairs": cross,
+        "moved_followed": MOVES_FOLLOWED.load(Ordering::Relaxed),
+        "msgs_per_s": (delivered as f64 / seconds).round(), "delivered": delivered, "failed": failed,
+        "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": hist.max() as f64 / 1000.0,
+        "servers": per_server,
+    }))
+}
+
+/// Each server's CPU share since `cpu_before` over `wall` seconds, and its peak RSS.
+fn server_usage(servers: &Servers, cpu_before: Vec<f64>, wall: f64) -> Vec<Value> {
+    servers
         .list
         .iter()
         .zip(cpu_before)
@@ -777,16 +807,7 @@ async fn chat(
                 "peak_rss_mib": (status_kib(s.pid(), "VmHWM:") as f64 / 1024.0 * 10.0).round() / 10.0,
             })
         })
-        .collect();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    Ok(json!({
-        "scenario": "chat", "target": target.name(), "users": users, "window": window,
-        "seconds": seconds, "rate_cap": rate, "cross_node_pairs": cross,
-        "moved_followed": MOVES_FOLLOWED.load(Ordering::Relaxed),
-        "msgs_per_s": (delivered as f64 / seconds).round(), "delivered": delivered, "failed": failed,
-        "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": hist.max() as f64 / 1000.0,
-        "servers": per_server,
-    }))
+        .collect()
 }
 
 // ----- room ----------------------------------------------------------------------------------
@@ -932,16 +953,10 @@ async fn room_member(
         if wrote && user.ws.flush().await.is_err() {
             break;
         }
-        let m = tokio::select! {
-            m = user.ws.next() => m,
-            _ = refill.tick() => continue,
-            _ = tokio::time::sleep_until(end_at.into()) => break,
-        };
-        let Some(Ok(Message::Text(t))) = m else {
-            if matches!(m, None | Some(Err(_))) {
-                break;
-            }
-            continue;
+        let t = match next_in(&mut user.ws, &mut refill, end_at).await {
+            Next::Text(t) => t,
+            Next::Idle => continue,
+            Next::End => break,
         };
         match classify_room(user.target, &t) {
             RoomSeen::Result { id, delivered } => {
@@ -1047,18 +1062,7 @@ async fn room(
         hist.add(&r.hist)?;
     }
     let wall = wall.elapsed().as_secs_f64().max(seconds);
-    let per_server: Vec<Value> = servers
-        .list
-        .iter()
-        .zip(cpu_before)
-        .map(|(s, before)| {
-            json!({
-                "name": s.name,
-                "cpu_pct": ((cpu_seconds(s.pid()) - before) / wall * 100.0).round(),
-                "peak_rss_mib": (status_kib(s.pid(), "VmHWM:") as f64 / 1024.0 * 10.0).round() / 10.0,
-            })
-        })
-        .collect();
+    let per_server = server_usage(&servers, cpu_before, wall);
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(json!({
         "scenario": "room", "target": target.name(), "members": members, "senders": senders,

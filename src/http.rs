@@ -667,6 +667,34 @@ struct PushBody {
     transient: Option<bool>,
 }
 
+/// The `id` of a push: the one given (1 to 64 bytes), or a fresh one.
+fn push_id(id: Option<serde_json::Value>) -> Result<String, ApiError> {
+    match id {
+        None | Some(serde_json::Value::Null) => Ok(random_id()),
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => Ok(s),
+        _ => Err(ApiError::bad_request(
+            "`id` must be a string of 1 to 64 bytes",
+        )),
+    }
+}
+
+/// The `body` of a push (`null` when missing), within `limits.max_body_bytes` (413). The
+/// request's parse validated it: it is kept as it came, not parsed again.
+fn push_body(shared: &Shared, body: Option<Box<RawValue>>) -> Result<Box<RawValue>, ApiError> {
+    let body = body.unwrap_or_else(|| RawValue::NULL.to_owned());
+    if body.get().len() > shared.cfg.limits.max_body_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "body over the limit of {} bytes",
+                shared.cfg.limits.max_body_bytes
+            ),
+        ));
+    }
+    Ok(body)
+}
+
 /// Longest `wait_ms` honoured by `/api/push`, in milliseconds.
 const MAX_WAIT_MS: u64 = 60_000;
 
@@ -687,27 +715,8 @@ async fn api_push(
             ));
         }
     };
-    let id = match req.id {
-        None | Some(serde_json::Value::Null) => random_id(),
-        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => s,
-        _ => {
-            return Err(ApiError::bad_request(
-                "`id` must be a string of 1 to 64 bytes",
-            ));
-        }
-    };
-    // The request's parse validated the body; it is kept as it came, not parsed again.
-    let body = req.body.unwrap_or_else(|| RawValue::NULL.to_owned());
-    if body.get().len() > shared.cfg.limits.max_body_bytes {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "body over the limit of {} bytes",
-                shared.cfg.limits.max_body_bytes
-            ),
-        ));
-    }
+    let id = push_id(req.id)?;
+    let body = push_body(shared, req.body)?;
     let body: crate::protocol::Body = Arc::from(body);
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
     let (reply, outcome) = oneshot::channel();

@@ -14,10 +14,12 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::{ApiError, AppState, MAX_WAIT_MS, api_request, check_api_key, check_percent_encoding};
-use crate::auth::random_id;
+use super::{
+    ApiError, AppState, MAX_WAIT_MS, api_request, check_api_key, check_percent_encoding, push_body,
+    push_id,
+};
 use crate::engine::Message;
-use crate::protocol::{FailReason, MAX_ID_BYTES};
+use crate::protocol::FailReason;
 use crate::relay::Answer;
 use crate::state::{Command, Shared};
 use crate::uid::validate_uid;
@@ -225,26 +227,8 @@ pub(super) async fn push(
     check_room(&room)?;
     let limit = shared.cfg.limits.max_body_bytes + shared.cfg.limits.max_login_body_bytes;
     let req: RoomPushBody = api_request(shared, &headers, body, limit).await?;
-    let id = match req.id {
-        None | Some(serde_json::Value::Null) => random_id(),
-        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => s,
-        _ => {
-            return Err(ApiError::bad_request(
-                "`id` must be a string of 1 to 64 bytes",
-            ));
-        }
-    };
-    let body = req.body.unwrap_or_else(|| RawValue::NULL.to_owned());
-    if body.get().len() > shared.cfg.limits.max_body_bytes {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "body over the limit of {} bytes",
-                shared.cfg.limits.max_body_bytes
-            ),
-        ));
-    }
+    let id = push_id(req.id)?;
+    let body = push_body(shared, req.body)?;
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(5000).min(MAX_WAIT_MS));
     let room_id: Arc<str> = Arc::from(room.as_str());
     let msg = Message {

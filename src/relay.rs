@@ -878,10 +878,10 @@ impl Relay {
         match frame {
             PeerFrame::Hello { .. } => {}
             PeerFrame::Deliver { tag, hops, msg } => {
-                self.on_deliver(now, from, tag, hops, msg, false)
+                self.on_deliver_in(now, from, tag, hops, msg, false, None)
             }
             PeerFrame::DeliverTransient { tag, hops, msg } => {
-                self.on_deliver(now, from, tag, hops, msg, true)
+                self.on_deliver_in(now, from, tag, hops, msg, true, None)
             }
             PeerFrame::DeliverRoom {
                 tag,
@@ -952,18 +952,6 @@ impl Relay {
                 }
             }
         }
-    }
-
-    fn on_deliver(
-        &mut self,
-        now: Instant,
-        from: NodeId,
-        tag: u64,
-        hops: u8,
-        msg: WireMessage,
-        transient: bool,
-    ) {
-        self.on_deliver_in(now, from, tag, hops, msg, transient, None)
     }
 
     /// A message for one recipient from a peer (of `room`, when it is a room message).

@@ -258,21 +258,15 @@ impl Relay {
                 Route::Local if join => self.join(now, waiter, uid, room),
                 Route::Local => self.leave(now, waiter, uid, room),
                 Route::Remote(node) => {
-                    let tag = self.next_tag();
-                    if self.room_wait(now, tag, &node, waiter, &room, None, self.cfg.ask_timeout) {
-                        let frame = PeerFrame::RoomMember {
-                            req: tag,
-                            room,
-                            uid,
-                            join,
-                        };
-                        self.out.push_back(Output::Peer { node, frame });
-                    }
+                    let r = room.clone();
+                    self.ask_peer(now, node, waiter, &r, |req| PeerFrame::RoomMember {
+                        req,
+                        room,
+                        uid,
+                        join,
+                    })
                 }
-                Route::Unreachable => {
-                    self.requests.remove(&req);
-                    self.answer(req, Answer::Unanswered);
-                }
+                Route::Unreachable => self.unanswered(req),
             }
         }
         self.carry_out(now);
@@ -300,21 +294,41 @@ impl Relay {
             match self.route(&room_key(&room)) {
                 Route::Local => self.info_gather(now, RoomWaiter::Api(req), room),
                 Route::Remote(node) => {
-                    let tag = self.next_tag();
+                    let r = room.clone();
                     let waiter = RoomWaiter::Api(req);
-                    if self.room_wait(now, tag, &node, waiter, &room, None, self.cfg.ask_timeout) {
-                        let frame = PeerFrame::RoomQuery { req: tag, room };
-                        self.out.push_back(Output::Peer { node, frame });
-                    }
+                    self.ask_peer(now, node, waiter, &r, |req| PeerFrame::RoomQuery {
+                        req,
+                        room,
+                    })
                 }
-                Route::Unreachable => {
-                    self.requests.remove(&req);
-                    self.answer(req, Answer::Unanswered);
-                }
+                Route::Unreachable => self.unanswered(req),
             }
         }
         self.carry_out(now);
         req
+    }
+
+    /// Asks `node` with the frame `make` builds from a fresh request number; its `RoomReply`
+    /// goes to `waiter` (given up after `ask_timeout`).
+    fn ask_peer(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        waiter: RoomWaiter,
+        room: &Arc<str>,
+        make: impl FnOnce(u64) -> PeerFrame,
+    ) {
+        let req = self.next_tag();
+        if self.room_wait(now, req, &node, waiter, room, None, self.cfg.ask_timeout) {
+            let frame = make(req);
+            self.out.push_back(Output::Peer { node, frame });
+        }
+    }
+
+    /// API request `req` cannot be asked of anyone: answered `Unanswered`.
+    fn unanswered(&mut self, req: RequestId) {
+        self.requests.remove(&req);
+        self.answer(req, Answer::Unanswered);
     }
 
     /// A request number for an API request, registered; `false` (answered `Busy`) when too many
@@ -1335,13 +1349,8 @@ impl Relay {
                 continue;
             }
             self.owned_again(false, &uid);
-            let entries: Vec<(Arc<str>, Option<NodeId>)> = self
-                .rooms
-                .users
-                .entries_of(&uid)
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                .unwrap_or_default();
-            for (room, told) in sorted(entries) {
+            let entries = self.rooms.users.snapshot(&uid);
+            for (room, told) in entries {
                 let Some(target) = target_of(self.route(&room_key(&room)), &me) else {
                     continue;
                 };
@@ -1365,14 +1374,9 @@ impl Relay {
                 continue;
             }
             self.owned_again(true, &room);
-            let entries: Vec<(Arc<str>, Option<NodeId>)> = self
-                .rooms
-                .rooms
-                .entries_of(&room)
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                .unwrap_or_default();
+            let entries = self.rooms.rooms.snapshot(&room);
             let successor = self.successor(&room, &me);
-            for (uid, told) in sorted(entries) {
+            for (uid, told) in entries {
                 let Some(target) = target_of(self.route(&uid), &me) else {
                     continue;
                 };
@@ -1428,11 +1432,8 @@ impl Relay {
             self.rooms.foreign.remove(&(room_side, outer.clone()));
             return;
         }
-        let entries: Vec<(Arc<str>, Option<NodeId>)> = table
-            .entries_of(outer)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default();
-        for (inner, told) in sorted(entries) {
+        let entries = table.snapshot(outer);
+        for (inner, told) in entries {
             if told.as_ref() == Some(owner) {
                 continue;
             }

@@ -125,6 +125,18 @@ impl Table {
         self.map.get(outer)
     }
 
+    /// The entries under `outer` with who was told, sorted by inner key (a walk that changes
+    /// the table as it goes).
+    pub fn snapshot(&self, outer: &str) -> Vec<(Arc<str>, Option<NodeId>)> {
+        let mut v: Vec<(Arc<str>, Option<NodeId>)> = self
+            .map
+            .get(outer)
+            .map(|m| m.iter().map(|(k, t)| (k.clone(), t.clone())).collect())
+            .unwrap_or_default();
+        v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Sets who was told about `(outer, inner)`, if it is there.
     pub fn set_told(&mut self, outer: &str, inner: &str, told: Option<NodeId>) {
         if let Some(t) = self.map.get_mut(outer).and_then(|m| m.get_mut(inner)) {

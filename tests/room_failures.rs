@@ -67,6 +67,21 @@ async fn reconnect(base: &str, uid: &str, room: &str) -> Client {
     }
 }
 
+/// The members whose session was on `node` come back through `base`, without joining.
+async fn reconnect_all(
+    clients: &mut [Client],
+    uids: &[String],
+    node: &str,
+    base: &str,
+    room: &str,
+) {
+    for (c, uid) in clients.iter_mut().zip(uids) {
+        if c.node == node {
+            *c = reconnect(base, uid, room).await;
+        }
+    }
+}
+
 /// `sender` sends to the room; every other member gets it exactly once and acks; the
 /// sender's `room_result` counts every member delivered.
 async fn everyone_gets(sender: usize, clients: &mut [Client], room: &str, id: &str) {
@@ -124,11 +139,7 @@ async fn memberships_survive_kill9_of_the_rooms_owner_and_of_a_members_owner_and
     let owner2 = wait_members(&base, room, 10).await;
     assert_ne!(owner2, owner);
     // The members whose sessions were on the dead node come back, without joining.
-    for (i, uid) in uids.iter().enumerate() {
-        if clients[i].node == owner {
-            clients[i] = reconnect(&base, uid, room).await;
-        }
-    }
+    reconnect_all(&mut clients, &uids, &owner, &base, room).await;
     everyone_gets(1, &mut clients, room, "after-owner-kill").await;
 
     // 2. kill -9 of a node that owns members but not the room.
@@ -142,11 +153,7 @@ async fn memberships_survive_kill9_of_the_rooms_owner_and_of_a_members_owner_and
     c.wait_ready_on(&live, 3, Duration::from_secs(30)).await;
     let base = bases[live[0]].clone();
     assert_eq!(wait_members(&base, room, 10).await, owner2);
-    for (i, uid) in uids.iter().enumerate() {
-        if clients[i].node == victim {
-            clients[i] = reconnect(&base, uid, room).await;
-        }
-    }
+    reconnect_all(&mut clients, &uids, &victim, &base, room).await;
     let sender = clients.iter().position(|cl| cl.node != owner2).unwrap_or(0);
     everyone_gets(sender, &mut clients, room, "after-member-kill").await;
 
@@ -162,11 +169,7 @@ async fn memberships_survive_kill9_of_the_rooms_owner_and_of_a_members_owner_and
     let base = bases[live[0]].clone();
     let owner3 = wait_members(&base, room, 10).await;
     assert_ne!(owner3, owner2);
-    for (i, uid) in uids.iter().enumerate() {
-        if clients[i].node == owner2 {
-            clients[i] = reconnect(&base, uid, room).await;
-        }
-    }
+    reconnect_all(&mut clients, &uids, &owner2, &base, room).await;
     everyone_gets(2, &mut clients, room, "after-drain").await;
     let log = c.log(draining);
     assert!(log.contains("drained"), "{log}");

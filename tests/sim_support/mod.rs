@@ -1265,25 +1265,14 @@ impl Sim {
             return;
         };
         let rooms: Vec<Arc<str>> = self.clients[c].joining.iter().cloned().collect();
-        let inc = self.nodes[node].inc;
         for room in rooms {
-            let d = self.client_delay();
             let event = ClientEvent::Join {
                 session,
                 room: room.to_string(),
                 id: Some(format!("j-{room}")),
                 join: true,
             };
-            self.at_fifo(
-                (3, c, node),
-                self.now + d,
-                Ev::Client {
-                    to: node,
-                    inc,
-                    conn,
-                    event,
-                },
-            );
+            self.client_input(c, node, conn, event);
         }
     }
 
@@ -1294,8 +1283,6 @@ impl Sim {
         let body: imgate::protocol::Body = Arc::from(
             serde_json::value::RawValue::from_string(format!("{{\"id\":\"{id}\"}}")).expect("json"),
         );
-        let d = self.client_delay();
-        let inc = self.nodes[node].inc;
         let event = ClientEvent::RoomSend {
             transient: is_transient(&id),
             session,
@@ -1304,16 +1291,7 @@ impl Sim {
             body,
             ts: self.now / MS,
         };
-        self.at_fifo(
-            (3, c, node),
-            self.now + d,
-            Ev::Client {
-                to: node,
-                inc,
-                conn,
-                event,
-            },
-        );
+        self.client_input(c, node, conn, event);
     }
 
     fn send_next(&mut self, c: usize, node: usize, conn: u64) {
@@ -1344,8 +1322,6 @@ impl Sim {
         let body: imgate::protocol::Body = Arc::from(
             serde_json::value::RawValue::from_string(format!("{{\"id\":\"{id}\"}}")).expect("json"),
         );
-        let d = self.client_delay();
-        let inc = self.nodes[node].inc;
         let transient = is_transient(&id);
         let event = ClientEvent::Send {
             transient,
@@ -1355,6 +1331,13 @@ impl Sim {
             body,
             ts: self.now / MS,
         };
+        self.client_input(c, node, conn, event);
+    }
+
+    /// Client `c` sends `event` to `node` over `conn`, after a client delay, in order.
+    fn client_input(&mut self, c: usize, node: usize, conn: u64, event: ClientEvent) {
+        let d = self.client_delay();
+        let inc = self.nodes[node].inc;
         self.at_fifo(
             (3, c, node),
             self.now + d,
