@@ -745,13 +745,13 @@ impl Relay {
             {
                 self.answer(req, Answer::Unanswered);
             }
+            // An outcome or answer that cannot be sent is given up by the asking node's sweep.
             PeerFrame::Outcome { .. }
             | PeerFrame::PresenceAnswer { .. }
             | PeerFrame::KickAnswer { .. }
             | PeerFrame::Hello { .. }
             | PeerFrame::PresenceQuery { .. }
             | PeerFrame::Kick { .. } => {}
-            // An outcome or answer that cannot be sent is given up by the asking node's sweep.
             room => self.room_refused(now, node, room),
         }
         self.carry_out(now);

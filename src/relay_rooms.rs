@@ -113,6 +113,19 @@ pub(super) struct Batch {
     at: Instant,
 }
 
+/// Entries a walk looks at in one slice (one timer turn of the driver).
+pub(super) const WALK_SLICE: usize = 20_000;
+
+/// A walk of the tables under way: the outer keys it has still to look at.
+#[derive(Debug, Default)]
+pub(super) struct Walk {
+    /// Peers whose link came up again since the last walk began.
+    resync: HashSet<NodeId>,
+    spare: VecDeque<Arc<str>>,
+    users: VecDeque<Arc<str>>,
+    rooms: VecDeque<Arc<str>>,
+}
+
 /// A membership to announce or hand over: what kind, room, uid.
 type SyncEntry = (SyncKind, Arc<str>, Arc<str>);
 
@@ -137,6 +150,9 @@ pub(super) struct RoomState {
     foreign: HashMap<(bool, Arc<str>), Instant>,
     /// When the next foreign entries expire (a walk then drops them).
     purge_due: Option<Instant>,
+    /// The walk under way, and when its next slice is due.
+    walk: Option<Walk>,
+    walk_at: Option<Instant>,
     queue: BTreeMap<NodeId, VecDeque<SyncEntry>>,
     queued: usize,
     drain_at: Option<Instant>,
@@ -152,10 +168,11 @@ impl RoomState {
             + self.batches.len()
             + self.queued
             + usize::from(self.sync_due.is_some())
+            + usize::from(self.walk.is_some())
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        [self.sync_due, self.drain_at, self.purge_due]
+        [self.sync_due, self.drain_at, self.purge_due, self.walk_at]
             .into_iter()
             .flatten()
             .min()
@@ -1302,114 +1319,167 @@ impl Relay {
         if purge || self.rooms.sync_due.is_some_and(|at| now >= at) {
             self.rooms.sync_due = None;
             self.rooms.purge_due = None;
-            self.reconcile(now);
+            self.start_walk(now);
+        } else if self.rooms.walk_at.is_some_and(|at| now >= at) {
+            self.walk_step(now);
         }
         if self.rooms.drain_at.is_some_and(|at| now >= at) {
             self.drain_sync(now);
         }
     }
 
-    /// Walks both tables: entries now owned elsewhere are handed over; entries whose other
-    /// side moved (or whose peer came back) are announced to its new owner.
-    fn reconcile(&mut self, now: Instant) {
-        let me = self.me.clone();
-        let resync = std::mem::take(&mut self.rooms.resync);
+    /// Starts a walk of the tables (a new one replaces a walk under way, which would have
+    /// looked at views that changed since): entries now owned elsewhere are copied to their
+    /// owner, entries whose other side moved (or whose peer came back) are announced to its
+    /// new owner. The walk goes [`WALK_SLICE`] entries at a time, one slice per timer turn, so
+    /// that messages and links are served in between however many memberships there are.
+    fn start_walk(&mut self, now: Instant) {
+        let mut resync = std::mem::take(&mut self.rooms.resync);
+        if let Some(old) = self.rooms.walk.take() {
+            resync.extend(old.resync);
+        }
+        self.rooms.walk = Some(Walk {
+            resync,
+            spare: self.rooms.spare.outer_keys().into(),
+            users: self.rooms.users.outer_keys().into(),
+            rooms: self.rooms.rooms.outer_keys().into(),
+        });
+        self.walk_step(now);
+    }
 
-        let stale = |told: &Option<NodeId>, target: &NodeId| {
-            told.as_ref() != Some(target) || resync.contains(target)
+    /// One slice of the walk.
+    fn walk_step(&mut self, now: Instant) {
+        let Some(mut w) = self.rooms.walk.take() else {
+            self.rooms.walk_at = None;
+            return;
         };
-        // Copies: taken in by a new owner, kept by the successor, handed to the owner now.
-        for room in self.rooms.spare.outer_keys() {
-            let Some(owner) = target_of(self.route(&room_key(&room)), &me) else {
-                continue;
-            };
-            if owner == me {
-                for uid in self.rooms.spare.take(&room) {
-                    self.add_member(&room, &uid, None);
-                }
-            } else if resync.contains(&owner) {
-                // Its link came up again: it may have restarted empty. It gets the copies
-                // (and backs them up here again).
-                for uid in self.rooms.spare.inner(&room) {
-                    self.enqueue(now, owner.clone(), SyncKind::Restore, room.clone(), uid);
-                }
-            } else if self.successor(&room, &owner).as_ref() != Some(&me) {
-                // No longer the successor: the owner gets them (it backs them up anew).
-                for uid in self.rooms.spare.take(&room) {
-                    self.enqueue(now, owner.clone(), SyncKind::Restore, room.clone(), uid);
-                }
+        let mut budget = WALK_SLICE;
+        while budget > 0 {
+            if let Some(room) = w.spare.pop_front() {
+                budget = budget.saturating_sub(self.rooms.spare.count(&room).max(1));
+                self.walk_spare(now, &w.resync, &room);
+            } else if let Some(uid) = w.users.pop_front() {
+                budget = budget.saturating_sub(self.rooms.users.count(&uid).max(1));
+                self.walk_user(now, &w.resync, &uid);
+            } else if let Some(room) = w.rooms.pop_front() {
+                budget = budget.saturating_sub(self.rooms.rooms.count(&room).max(1));
+                self.walk_room(now, &w.resync, &room);
+            } else {
+                break;
             }
         }
-        for uid in self.rooms.users.outer_keys() {
-            let Some(owner) = target_of(self.route(&uid), &me) else {
-                continue;
-            };
-            if owner != me {
-                self.copy_to_owner(now, false, &uid, &owner);
-                continue;
+        if w.spare.is_empty() && w.users.is_empty() && w.rooms.is_empty() {
+            self.rooms.walk_at = None;
+            self.rooms.purge_due = self
+                .rooms
+                .foreign
+                .values()
+                .min()
+                .map(|since| *since + FOREIGN_TTL);
+            if self.rooms.queued > 0 {
+                tracing::info!(
+                    queued = self.rooms.queued,
+                    "memberships to announce after a ring change"
+                );
             }
-            self.owned_again(false, &uid);
-            let entries = self.rooms.users.snapshot(&uid);
-            for (room, told) in entries {
-                let Some(target) = target_of(self.route(&room_key(&room)), &me) else {
-                    continue;
-                };
-                if !stale(&told, &target) {
-                    continue;
-                }
-                self.rooms.users.set_told(&uid, &room, Some(target.clone()));
-                if target == me {
-                    self.add_member(&room, &uid, Some(me.clone()));
-                } else {
-                    self.enqueue(now, target, SyncKind::ToRoomOwner, room, uid.clone());
-                }
+        } else {
+            self.rooms.walk = Some(w);
+            self.rooms.walk_at = Some(now);
+        }
+    }
+
+    /// Copies kept for a room whose successor this node is (or was): taken in by a new owner,
+    /// kept by the successor, restored to an owner whose link came back, handed to the owner
+    /// when this node is no longer its successor.
+    fn walk_spare(&mut self, now: Instant, resync: &HashSet<NodeId>, room: &Arc<str>) {
+        let me = self.me.clone();
+        let Some(owner) = target_of(self.route(&room_key(room)), &me) else {
+            return;
+        };
+        if owner == me {
+            for uid in self.rooms.spare.take(room) {
+                self.add_member(room, &uid, None);
+            }
+            // The room may be new here, after the walk took its list of rooms: walked now.
+            self.walk_room(now, resync, room);
+        } else if resync.contains(&owner) {
+            // Its link came up again: it may have restarted empty. It gets the copies (and
+            // backs them up here again).
+            for uid in self.rooms.spare.inner(room) {
+                self.enqueue(now, owner.clone(), SyncKind::Restore, room.clone(), uid);
+            }
+        } else if self.successor(room, &owner).as_ref() != Some(&me) {
+            // No longer the successor: the owner gets them (it backs them up anew).
+            for uid in self.rooms.spare.take(room) {
+                self.enqueue(now, owner.clone(), SyncKind::Restore, room.clone(), uid);
             }
         }
-        for room in self.rooms.rooms.outer_keys() {
-            let Some(owner) = target_of(self.route(&room_key(&room)), &me) else {
+    }
+
+    /// A user's memberships: copied to its owner if that is another node now; else each one
+    /// whose room's owner was not told (or came back) is announced to it.
+    fn walk_user(&mut self, now: Instant, resync: &HashSet<NodeId>, uid: &Arc<str>) {
+        let me = self.me.clone();
+        let Some(owner) = target_of(self.route(uid), &me) else {
+            return;
+        };
+        if owner != me {
+            return self.copy_to_owner(now, false, uid, &owner);
+        }
+        self.owned_again(false, uid);
+        for (room, told) in self.rooms.users.snapshot(uid) {
+            let Some(target) = target_of(self.route(&room_key(&room)), &me) else {
                 continue;
             };
-            if owner != me {
-                self.copy_to_owner(now, true, &room, &owner);
+            if told.as_ref() == Some(&target) && !resync.contains(&target) {
                 continue;
             }
-            self.owned_again(true, &room);
-            let entries = self.rooms.rooms.snapshot(&room);
-            let successor = self.successor(&room, &me);
-            for (uid, told) in entries {
-                let Some(target) = target_of(self.route(&uid), &me) else {
-                    continue;
-                };
-                // A user owned here too: the copy goes to the room's successor.
-                let tell = match &successor {
-                    Some(s) if target == me => s.clone(),
-                    _ => target.clone(),
-                };
-                if !stale(&told, &tell) {
-                    continue;
+            self.rooms.users.set_told(uid, &room, Some(target.clone()));
+            if target == me {
+                // Both sides here: the room's successor gets a copy.
+                if self.add_member(&room, uid, Some(me.clone())).is_some() {
+                    self.back_up(now, &room, uid);
                 }
-                self.rooms.rooms.set_told(&room, &uid, Some(tell.clone()));
-                if target == me {
-                    self.add_user_room(&uid, &room, Some(me.clone()));
-                    if tell != me {
-                        self.enqueue(now, tell, SyncKind::Backup, room.clone(), uid);
-                    }
-                } else {
-                    self.enqueue(now, target, SyncKind::ToMemberOwner, room.clone(), uid);
-                }
+            } else {
+                self.enqueue(now, target, SyncKind::ToRoomOwner, room, uid.clone());
             }
         }
-        self.rooms.purge_due = self
-            .rooms
-            .foreign
-            .values()
-            .min()
-            .map(|since| *since + FOREIGN_TTL);
-        if self.rooms.queued > 0 {
-            tracing::info!(
-                queued = self.rooms.queued,
-                "memberships to announce after a ring change"
-            );
+    }
+
+    /// A room's members: copied to its owner if that is another node now; else each member
+    /// whose owner was not told (or came back) is announced to it, and a member owned here
+    /// too is copied to the room's successor.
+    fn walk_room(&mut self, now: Instant, resync: &HashSet<NodeId>, room: &Arc<str>) {
+        let me = self.me.clone();
+        let Some(owner) = target_of(self.route(&room_key(room)), &me) else {
+            return;
+        };
+        if owner != me {
+            return self.copy_to_owner(now, true, room, &owner);
+        }
+        self.owned_again(true, room);
+        let successor = self.successor(room, &me);
+        for (uid, told) in self.rooms.rooms.snapshot(room) {
+            let Some(target) = target_of(self.route(&uid), &me) else {
+                continue;
+            };
+            // A user owned here too: the copy goes to the room's successor.
+            let tell = match &successor {
+                Some(s) if target == me => s.clone(),
+                _ => target.clone(),
+            };
+            if told.as_ref() == Some(&tell) && !resync.contains(&tell) {
+                continue;
+            }
+            self.rooms.rooms.set_told(room, &uid, Some(tell.clone()));
+            if target == me {
+                self.add_user_room(&uid, room, Some(me.clone()));
+                if tell != me {
+                    self.enqueue(now, tell, SyncKind::Backup, room.clone(), uid);
+                }
+            } else {
+                self.enqueue(now, target, SyncKind::ToMemberOwner, room.clone(), uid);
+            }
         }
     }
 

@@ -808,3 +808,76 @@ fn a_room_message_shares_one_body_among_its_members() {
     assert_eq!(r.engine().delivery_bytes(), 0);
     assert_eq!(Arc::strong_count(&body), 1);
 }
+
+/// The walk after a view change goes a slice at a time (the driver serves messages between
+/// slices), and still reaches every membership.
+#[test]
+fn the_walk_after_a_view_change_goes_in_slices() {
+    let now = t0();
+    let cfg = RelayConfig {
+        room_sync_per_second: 1_000_000,
+        ..RelayConfig::default()
+    };
+    let (mut r, v) = cluster_relay("n1", &["n1", "n2", "n3"], cfg);
+    let users: Vec<String> = (0..5000)
+        .map(|i| format!("u{i}"))
+        .filter(|u| &**v.ring.primary(u).unwrap() == "n1")
+        .take(700)
+        .collect();
+    let rooms: Vec<String> = (0..10_000)
+        .map(|i| format!("room{i}"))
+        .filter(|x| &**v.ring.primary(&crate::rooms::room_key(x)).unwrap() == "n2")
+        .take(100)
+        .collect();
+    // n2, the rooms' owner, told n1 of its users' memberships.
+    for room in &rooms {
+        let entries = users
+            .iter()
+            .map(|u| (Arc::from(room.as_str()), Arc::from(u.as_str())))
+            .collect();
+        let frame = PeerFrame::RoomSync {
+            kind: crate::wire::SyncKind::ToMemberOwner,
+            entries,
+        };
+        r.handle_link(
+            now,
+            LinkEvent::Frame {
+                from: Arc::from("n2"),
+                frame,
+            },
+        );
+    }
+    drain(&mut r);
+    let total = users.len() * rooms.len();
+    assert_eq!(r.membership_counts().1, total);
+    assert!(total > 3 * room_core::WALK_SLICE, "more than a few slices");
+    r.handle_view(now, view(&["n1", "n3"]));
+    let t = now + Duration::from_millis(150);
+    r.handle_timeout(t);
+    // One slice done, more to come, due at once (after whatever input waits).
+    assert!(r.status().rooms > 0);
+    assert_eq!(r.next_deadline(), Some(t));
+    let mut turns = 1;
+    let mut announced = 0;
+    for step in 0..1000 {
+        announced += drain(&mut r)
+            .iter()
+            .filter_map(|o| match o {
+                Output::Peer {
+                    frame: PeerFrame::RoomSync { entries, .. },
+                    ..
+                } => Some(entries.len()),
+                _ => None,
+            })
+            .sum::<usize>();
+        if r.status().rooms == 0 {
+            break;
+        }
+        r.handle_timeout(t + Duration::from_millis(50 * step));
+        turns += 1;
+    }
+    assert!(turns > 3, "{turns} turns");
+    // Each membership went to n3 (its room's owner now) or, for rooms now owned here, to the
+    // room's successor.
+    assert_eq!(announced, total);
+}
