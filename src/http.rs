@@ -81,6 +81,7 @@ pub fn router(shared: Arc<Shared>, tracker: TaskTracker) -> Router {
     let state = AppState { shared, tracker };
     Router::new()
         .route("/", get(page))
+        .route("/imgate.js", get(imgate_js))
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/login", post(login))
         .route("/ws", get(ws_upgrade))
@@ -184,6 +185,20 @@ async fn json_errors(req: Request, next: Next) -> Response {
 
 async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
+}
+
+/// The browser SDK (`clients/js/imgate.js`), compiled into the binary like the page.
+pub const IMGATE_JS: &str = include_str!("../clients/js/imgate.js");
+
+async fn imgate_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        IMGATE_JS,
+    )
+        .into_response()
 }
 
 async fn health(State(state): State<AppState>) -> Response {
