@@ -937,7 +937,7 @@ impl Relay {
 
     // ----- peer frames --------------------------------------------------------------------
 
-    /// A room frame from a peer; `false` if `frame` is not one.
+    /// A room frame from a peer (the relay passes only room frames here).
     pub(super) fn on_room_frame(&mut self, now: Instant, from: &NodeId, frame: PeerFrame) {
         let valid = |s: &str| crate::uid::validate_uid(s).is_ok();
         match frame {
@@ -1590,8 +1590,9 @@ impl Relay {
                 }
                 self.rooms.queued -= entries.len();
                 self.rooms.tokens -= entries.len() as f64;
-                // Entries whose target is not their owner any more: announcements are
-                // redone by the walk that follows the change; hand-overs go to the new owner.
+                // Entries whose target is not their owner any more are dropped: the walk that
+                // follows the change sends them to the new one (handed-over entries are still
+                // kept here as foreign, and remember the old target).
                 let mut valid = Vec::with_capacity(entries.len());
                 for (room, uid) in entries {
                     let target = match kind {
