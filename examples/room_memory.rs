@@ -144,36 +144,36 @@ fn time_walk(n: usize) -> (usize, std::time::Duration, std::time::Duration) {
     (kept, total, longest)
 }
 
+/// One side's table of every membership, and the bytes it allocated: keyed by room (the room
+/// owner's side, told the member's owner) or by uid (the user owner's side, told the room's
+/// owner). The names arrive from the network: each entry's strings are their own allocations,
+/// as in the relay (a frame's strings are not interned).
+fn build(args: &Args, nodes: &[Arc<str>], room_side: bool) -> (Table, isize) {
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut table = Table::default();
+    for r in 0..args.rooms {
+        let room: Arc<str> = Arc::from(format!("room-{r}").as_str());
+        for m in 0..args.members {
+            let uid: Arc<str> =
+                Arc::from(format!("user-{:06}", (r * 7919 + m) % args.users).as_str());
+            if room_side {
+                let told = Some(nodes[m % nodes.len()].clone());
+                table.add(&room, &uid, told, usize::MAX, usize::MAX);
+            } else {
+                let told = Some(nodes[r % nodes.len()].clone());
+                table.add(&uid, &room, told, usize::MAX, usize::MAX);
+            }
+        }
+    }
+    (table, LIVE.load(Ordering::Relaxed) - before)
+}
+
 fn main() {
     let args = Args::parse();
     let nodes: Vec<Arc<str>> = ["n1", "n2", "n3"].iter().map(|n| Arc::from(*n)).collect();
     let entries = args.rooms * args.members;
-    // The names arrive from the network: each entry's uid is its own allocation, as in the
-    // relay (a frame's strings are not interned).
-    let before = LIVE.load(Ordering::Relaxed);
-    let mut rooms = Table::default();
-    for r in 0..args.rooms {
-        let room: Arc<str> = Arc::from(format!("room-{r}").as_str());
-        for m in 0..args.members {
-            let uid: Arc<str> =
-                Arc::from(format!("user-{:06}", (r * 7919 + m) % args.users).as_str());
-            let told = Some(nodes[m % nodes.len()].clone());
-            rooms.add(&room, &uid, told, usize::MAX, usize::MAX);
-        }
-    }
-    let room_side = LIVE.load(Ordering::Relaxed) - before;
-    let before = LIVE.load(Ordering::Relaxed);
-    let mut users = Table::default();
-    for r in 0..args.rooms {
-        let room: Arc<str> = Arc::from(format!("room-{r}").as_str());
-        for m in 0..args.members {
-            let uid: Arc<str> =
-                Arc::from(format!("user-{:06}", (r * 7919 + m) % args.users).as_str());
-            let told = Some(nodes[r % nodes.len()].clone());
-            users.add(&uid, &room, told, usize::MAX, usize::MAX);
-        }
-    }
-    let user_side = LIVE.load(Ordering::Relaxed) - before;
+    let (rooms, room_side) = build(&args, &nodes, true);
+    let (users, user_side) = build(&args, &nodes, false);
     let per = |bytes: isize, n: usize| bytes as f64 / n as f64;
     let result = serde_json::json!({
         "scenario": "room_memory",

@@ -36,6 +36,19 @@ fn check_room(room: &str) -> Result<(), ApiError> {
     })
 }
 
+/// The checks every rooms route makes first, in order: the API key (401), the path's
+/// percent-encoding and the room id (400).
+fn check_request(
+    shared: &Shared,
+    headers: &HeaderMap,
+    uri: &axum::http::Uri,
+    room: &str,
+) -> Result<(), ApiError> {
+    check_api_key(shared, headers)?;
+    check_percent_encoding(uri)?;
+    check_room(room)
+}
+
 fn limit_error(shared: &Shared) -> ApiError {
     let l = &shared.cfg.limits;
     ApiError::new(
@@ -104,9 +117,7 @@ pub(super) async fn add_member(
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shared = &state.shared;
-    check_api_key(shared, &headers)?;
-    check_percent_encoding(&uri)?;
-    check_room(&room)?;
+    check_request(shared, &headers, &uri, &room)?;
     let limit = shared.cfg.limits.max_login_body_bytes;
     let req: MemberBody = api_request(shared, &headers, body, limit).await?;
     let uid = match req.uid {
@@ -132,9 +143,7 @@ pub(super) async fn remove_member(
     Path((room, uid)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shared = &state.shared;
-    check_api_key(shared, &headers)?;
-    check_percent_encoding(&uri)?;
-    check_room(&room)?;
+    check_request(shared, &headers, &uri, &room)?;
     validate_uid(&uid).map_err(ApiError::bad_request)?;
     match member(shared, &room, &uid, false).await? {
         RoomAnswer::Left => Ok(Json(json!({"room": room, "uid": uid, "left": true}))),
@@ -169,9 +178,7 @@ pub(super) async fn info(
     Path(room): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shared = &state.shared;
-    check_api_key(shared, &headers)?;
-    check_percent_encoding(&uri)?;
-    check_room(&room)?;
+    check_request(shared, &headers, &uri, &room)?;
     let (reply, answer) = oneshot::channel();
     let cmd = Command::RoomInfo {
         room: Arc::from(room.as_str()),
@@ -222,9 +229,7 @@ pub(super) async fn push(
     body: Body,
 ) -> Result<Response, ApiError> {
     let shared = &state.shared;
-    check_api_key(shared, &headers)?;
-    check_percent_encoding(&uri)?;
-    check_room(&room)?;
+    check_request(shared, &headers, &uri, &room)?;
     let limit = shared.cfg.limits.max_body_bytes + shared.cfg.limits.max_login_body_bytes;
     let req: RoomPushBody = api_request(shared, &headers, body, limit).await?;
     let id = push_id(req.id)?;

@@ -126,6 +126,9 @@ pub(super) struct Walk {
     rooms: VecDeque<Arc<str>>,
 }
 
+/// Members of one node, in one frame: the node and their uids.
+type Chunk = (NodeId, Vec<Arc<str>>);
+
 /// A membership to announce or hand over: what kind, room, uid.
 type SyncEntry = (SyncKind, Arc<str>, Arc<str>);
 
@@ -736,7 +739,7 @@ impl Relay {
             }
         }
         let msg_bytes = msg.body.get().len() + msg.id.len() + msg.from.len() + room.len();
-        let mut gather = Gather {
+        let gather = Gather {
             waiter,
             room: room.clone(),
             tally,
@@ -744,20 +747,9 @@ impl Relay {
             info: None,
             at: now,
         };
-        let mut sends = Vec::new();
-        for (node, uids) in by_node {
-            for chunk in chunks(sorted(uids), msg_bytes) {
-                let part = gather.parts.entry(node.clone()).or_default();
-                part.chunks += 1;
-                part.members += u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-                sends.push((node.clone(), chunk));
-            }
-        }
-        if gather.parts.is_empty() {
-            return self.finish_gather(gather);
-        }
-        let tag = self.next_tag();
-        self.rooms.gathers.insert(tag, gather);
+        let Some((tag, sends)) = self.open_gather(gather, by_node, msg_bytes) else {
+            return;
+        };
         let wire = WireMessage::from_room_message(&msg, &room);
         for (node, uids) in sends {
             let except = if &node == from_node { msg.except } else { None };
@@ -774,6 +766,33 @@ impl Relay {
                 self.out.push_back(Output::Peer { node, frame });
             }
         }
+    }
+
+    /// Cuts each node's members into chunks that fit a frame beside `msg_bytes`, counted in
+    /// the gather's parts, and registers the gather under a fresh tag: the tag and the chunks
+    /// to send. With no member on any node the gather is answered at once (`None`).
+    fn open_gather(
+        &mut self,
+        mut gather: Gather,
+        by_node: BTreeMap<NodeId, Vec<Arc<str>>>,
+        msg_bytes: usize,
+    ) -> Option<(u64, Vec<Chunk>)> {
+        let mut sends = Vec::new();
+        for (node, uids) in by_node {
+            for chunk in chunks(sorted(uids), msg_bytes) {
+                let part = gather.parts.entry(node.clone()).or_default();
+                part.chunks += 1;
+                part.members += u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+                sends.push((node.clone(), chunk));
+            }
+        }
+        if gather.parts.is_empty() {
+            self.finish_gather(gather);
+            return None;
+        }
+        let tag = self.next_tag();
+        self.rooms.gathers.insert(tag, gather);
+        Some((tag, sends))
     }
 
     /// Delivers a room message to `uids` (members owned here, as the room's owner sees it):
@@ -907,7 +926,7 @@ impl Relay {
                 }
             }
         }
-        let mut gather = Gather {
+        let gather = Gather {
             waiter,
             room,
             tally,
@@ -915,20 +934,9 @@ impl Relay {
             info: Some(all.into_iter().take(INFO_UIDS).collect()),
             at: now,
         };
-        let mut asks = Vec::new();
-        for (node, uids) in by_node {
-            for chunk in chunks(uids, 0) {
-                let part = gather.parts.entry(node.clone()).or_default();
-                part.chunks += 1;
-                part.members += u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-                asks.push((node.clone(), chunk));
-            }
-        }
-        if gather.parts.is_empty() {
-            return self.finish_gather(gather);
-        }
-        let tag = self.next_tag();
-        self.rooms.gathers.insert(tag, gather);
+        let Some((tag, asks)) = self.open_gather(gather, by_node, 0) else {
+            return;
+        };
         for (node, uids) in asks {
             let frame = PeerFrame::RoomOnline { tag, uids };
             self.out.push_back(Output::Peer { node, frame });

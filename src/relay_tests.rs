@@ -455,16 +455,31 @@ fn room_msg(from: &str, id: &str, room: &str) -> Message {
     }
 }
 
-/// A room whose ring key lands on `node` first.
-fn room_on(v: &View, node: &str) -> String {
-    (0..10_000)
+/// The first `n` rooms (`room0`, `room1`, ...) whose ring key lands on `node` first.
+fn rooms_on(v: &View, node: &str, n: usize) -> Vec<String> {
+    (0..)
         .map(|i| format!("room{i}"))
-        .find(|r| {
+        .filter(|r| {
             v.ring
                 .primary(&crate::rooms::room_key(r))
                 .is_some_and(|p| &**p == node)
         })
-        .expect("some room lands there")
+        .take(n)
+        .collect()
+}
+
+/// A room whose ring key lands on `node` first.
+fn room_on(v: &View, node: &str) -> String {
+    rooms_on(v, node, 1).remove(0)
+}
+
+/// The first `n` uids (`u0`, `u1`, ...) whose preference list starts with `node`.
+fn uids_on(v: &View, node: &str, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("u{i}"))
+        .filter(|u| v.ring.primary(u).is_some_and(|p| &**p == node))
+        .take(n)
+        .collect()
 }
 
 /// A relay `me` of a cluster of `ids`, every link up.
@@ -603,16 +618,8 @@ fn memberships_are_reannounced_to_a_new_owner_at_a_bounded_rate() {
     let now = t0();
     let (mut r, v) = cluster_relay("n1", &["n1", "n2", "n3"], cfg);
     // Users of n1 in rooms of n2, each joined through n2.
-    let users: Vec<String> = (0..20_000)
-        .map(|i| format!("u{i}"))
-        .filter(|u| &**v.ring.primary(u).unwrap() == "n1")
-        .take(500)
-        .collect();
-    let rooms: Vec<String> = (0..10_000)
-        .map(|i| format!("room{i}"))
-        .filter(|x| &**v.ring.primary(&crate::rooms::room_key(x)).unwrap() == "n2")
-        .take(20)
-        .collect();
+    let users = uids_on(&v, "n1", 500);
+    let rooms = rooms_on(&v, "n2", 20);
     for (i, uid) in users.iter().enumerate() {
         r.handle_client(
             now,
@@ -819,16 +826,8 @@ fn the_walk_after_a_view_change_goes_in_slices() {
         ..RelayConfig::default()
     };
     let (mut r, v) = cluster_relay("n1", &["n1", "n2", "n3"], cfg);
-    let users: Vec<String> = (0..5000)
-        .map(|i| format!("u{i}"))
-        .filter(|u| &**v.ring.primary(u).unwrap() == "n1")
-        .take(700)
-        .collect();
-    let rooms: Vec<String> = (0..10_000)
-        .map(|i| format!("room{i}"))
-        .filter(|x| &**v.ring.primary(&crate::rooms::room_key(x)).unwrap() == "n2")
-        .take(100)
-        .collect();
+    let users = uids_on(&v, "n1", 700);
+    let rooms = rooms_on(&v, "n2", 100);
     // n2, the rooms' owner, told n1 of its users' memberships.
     for room in &rooms {
         let entries = users
