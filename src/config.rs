@@ -243,6 +243,9 @@ pub struct UserEntry {
 pub struct ApiConfig {
     /// Bearer keys accepted by `/api/*`. Env `IMGATE_API_KEY` replaces them. Default `["dev-api-key"]`.
     pub keys: Vec<String>,
+    /// Whether logged-in users may ask `GET /presence` which users are online (the chat page's
+    /// contact list). Default true; false answers 403.
+    pub user_presence: bool,
 }
 
 /// `[webhooks]`: events POSTed to the application's backend, signed with `secret`.
@@ -559,6 +562,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             keys: vec!["dev-api-key".into()],
+            user_presence: true,
         }
     }
 }

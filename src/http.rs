@@ -91,6 +91,7 @@ pub fn router(shared: Arc<Shared>, tracker: TaskTracker) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/push", post(api_push))
         .route("/api/presence/{uid}", get(api_presence))
+        .route("/presence", get(user_presence))
         .route("/api/kick", post(api_kick))
         .route("/api/rooms/{room}", get(rooms::info))
         .route("/api/rooms/{room}/members", post(rooms::add_member))
@@ -521,15 +522,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-async fn ws_upgrade(
-    State(state): State<AppState>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
-    let shared = state.shared.clone();
-    let token = token_from(uri.query(), &headers);
-    let checked = token
+/// The claims of a user's token (`?token=` or `Authorization: Bearer`), or the 401 that says
+/// why it is refused: missing, expired, not yet valid, revoked by a kick, or invalid.
+fn user_claims(
+    shared: &Shared,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<crate::auth::Claims, ApiError> {
+    token_from(query, headers)
         .ok_or(TokenError::Missing)
         .and_then(|t| shared.tokens.verify(&t))
         .and_then(|c| {
@@ -542,10 +542,8 @@ async fn ws_upgrade(
             } else {
                 Ok(c)
             }
-        });
-    let claims = match checked {
-        Ok(c) => c,
-        Err(e) => {
+        })
+        .map_err(|e| {
             let code = match e {
                 TokenError::Missing => "missing_token",
                 TokenError::Expired => "token_expired",
@@ -553,8 +551,20 @@ async fn ws_upgrade(
                 TokenError::Revoked => "token_revoked",
                 TokenError::Invalid(_) => "invalid_token",
             };
-            return ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string()).into_response();
-        }
+            ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+        })
+}
+
+async fn ws_upgrade(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let shared = state.shared.clone();
+    let claims = match user_claims(&shared, uri.query(), &headers) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
     };
     let upgrade = match upgrade {
         Ok(u) => u,
@@ -846,6 +856,61 @@ async fn api_presence(
         "node": &*owner.node,
         "sessions": sessions,
     })))
+}
+
+/// Most uids one `GET /presence` asks about.
+pub const MAX_PRESENCE_UIDS: usize = 50;
+
+/// `GET /presence?uid=bob&uid=carol` with a user's token: which of those users are online,
+/// `{"presence": {"bob": true, "carol": false}}`, `null` for one whose owner could not be asked.
+/// For a chat page's contact list; `api.user_presence = false` turns it off (403).
+async fn user_presence(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let shared = &state.shared;
+    user_claims(shared, uri.query(), &headers)?;
+    if !shared.cfg.api.user_presence {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "presence is not shown to users here (api.user_presence = false)",
+        ));
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or(""))
+        .map_err(|_| ApiError::bad_request("badly encoded query"))?;
+    let mut uids: Vec<String> = Vec::new();
+    for (key, uid) in pairs {
+        if key != "uid" || uids.contains(&uid) {
+            continue;
+        }
+        validate_uid(&uid).map_err(|e| ApiError::bad_request(format!("`uid` {uid:?}: {e}")))?;
+        if uids.len() == MAX_PRESENCE_UIDS {
+            return Err(ApiError::bad_request(format!(
+                "at most {MAX_PRESENCE_UIDS} uids per request"
+            )));
+        }
+        uids.push(uid);
+    }
+    if uids.is_empty() {
+        return Err(ApiError::bad_request("name at least one `uid`"));
+    }
+    let asks = uids.iter().map(|uid| async move {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Presence {
+            uid: uid.clone(),
+            reply,
+        };
+        match ask_owner(shared, cmd, answer, String::new()).await {
+            Ok(n) => json!(n > 0),
+            Err(_) => serde_json::Value::Null,
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let presence: serde_json::Map<String, serde_json::Value> =
+        uids.into_iter().zip(answers).collect();
+    Ok(Json(json!({ "presence": presence })))
 }
 
 #[derive(Deserialize)]

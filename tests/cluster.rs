@@ -158,6 +158,23 @@ async fn presence_and_push_from_any_node() {
         assert_eq!(p["node"], bob.node.as_str());
         let p = cluster_support::api_get(&n.http_url(), &format!("/api/presence/{a}")).await;
         assert_eq!(p["online"], false);
+        // A user asks too, with its own token, through any node: the chat page's contacts.
+        let token = cluster_support::login(&n.http_url(), "viewer").await["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let p: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/presence", n.http_url()))
+            .query(&[("uid", &a), ("uid", &b)])
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(p["presence"][&b], true, "{p}");
+        assert_eq!(p["presence"][&a], false, "{p}");
     }
     let pusher = c
         .nodes

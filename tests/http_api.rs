@@ -796,6 +796,63 @@ async fn presence_of_offline_and_online_users() {
     node.shutdown().await;
 }
 
+async fn user_presence(node: &imgate::node::NodeHandle, token: &str, query: &str) -> (u16, Value) {
+    let resp = http()
+        .get(format!("{}/presence?{query}", node.http_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json_response(resp).await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_user_asks_which_users_are_online_with_its_own_token() {
+    let node = start(Config::for_test()).await;
+    let token = token_for(&node, "alice").await;
+    let _bob = connect(&node, "bob").await;
+    wait_presence(&node, "bob", 1).await;
+    // Percent-encoded uids, a repeat counted once, unknown keys ignored.
+    let (status, body) = user_presence(&node, &token, "uid=bob&uid=car%20ol&uid=bob&x=1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"presence": {"bob": true, "car ol": false}}));
+    // The token also works as `?token=`, like the WebSocket's.
+    let resp = http()
+        .get(format!(
+            "{}/presence?uid=bob&token={token}",
+            node.http_url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = json_response(resp).await;
+    assert_eq!((status, &body["presence"]["bob"]), (200, &json!(true)));
+
+    // Only a user's token opens it: none, the backend's key, a forged one.
+    for bad in ["", API_KEY, "x.y.z"] {
+        let (status, body) = user_presence(&node, bad, "uid=bob").await;
+        assert_eq!(status, 401, "{bad:?}: {body}");
+    }
+    // Bounded and checked.
+    let many: Vec<String> = (0..=50).map(|i| format!("uid=u{i}")).collect();
+    for query in ["", "x=1", "uid=al%01ice", &many.join("&")] {
+        let (status, body) = user_presence(&node, &token, query).await;
+        assert_error(status, &body, 400, "bad_request");
+    }
+    let (status, _) = user_presence(&node, &token, &many[..50].join("&")).await;
+    assert_eq!(status, 200);
+    node.shutdown().await;
+
+    let mut cfg = Config::for_test();
+    cfg.api.user_presence = false;
+    let node = start(cfg).await;
+    let token = token_for(&node, "alice").await;
+    let (status, body) = user_presence(&node, &token, "uid=bob").await;
+    assert_error(status, &body, 403, "forbidden");
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn presence_with_bad_uid_is_400() {
     let node = start(Config::for_test()).await;

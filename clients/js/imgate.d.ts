@@ -106,7 +106,13 @@ export class Client {
   send(to: string, body: unknown, options?: { id?: string; transient?: boolean }): Promise<SendOutcome>;
   sendRoom(room: string, body: unknown, options?: { id?: string; transient?: boolean }): Promise<RoomSendOutcome>;
   join(room: string): Promise<Membership>;
-  leave(room: string): Promise<Membership>;
+    leave(room: string): Promise<Membership>;
+  /**
+   * Which of `uids` (1 to 50) are online: `true`, `false`, or `null` when the node could not
+   * tell. Asked with the session's token (`GET /presence`); rejects when there is no session or
+   * no node answers or the server refuses (`api.user_presence = false`).
+   */
+  presence(uids: string[]): Promise<Record<string, boolean | null>>;
 }
 
 /** Plain words for each reason. */

@@ -14,7 +14,7 @@
 // (from, id), ack a message once the application's handlers have run, ping to notice a dead
 // connection, get a new token before the old one expires (`refresh` frame), rooms (`join`,
 // `leave`, room sends answered by one `room_result`) with a re-join of any room the session's
-// `welcome.rooms` lacks.
+// `welcome.rooms` lacks, and which contacts are online (`presence`).
 
 const DEFAULTS = {
   minBackoffMs: 250,
@@ -554,6 +554,36 @@ export class Client {
     const frame = { type: "send", id: id ?? this.nextId(), room, body };
     if (transient) frame.transient = true;
     return this.queue(frame, transient);
+  }
+
+    /**
+   * Which of `uids` (1 to 50) are online: resolves to `{uid: true | false | null}` (`null`: the
+   * node could not tell). Asked with the session's token (`GET /presence`) at the node of the
+   * last login, then at the others while nodes do not answer; rejects with an Error when
+   * no session exists or every node failed or refused.
+   */
+  async presence(uids) {
+    const s = this.session;
+    if (!s) throw new Error("not logged in");
+    const query = uids.map((u) => `uid=${encodeURIComponent(u)}`).join("&");
+    const n = this.nodes.length;
+    let why = "no server answered";
+    for (let i = 0; i < n; i++) {
+      const base = this.nodes[(this.startNode + i) % n];
+      let resp, v;
+      try {
+        resp = await this.withTimeout(
+          this.fetch(`${base}/presence?${query}`, { headers: { authorization: `Bearer ${s.token}` } }),
+        );
+        v = await resp.json();
+      } catch (_) {
+        continue; // that node is down: the next one
+      }
+      if (resp.ok && v && typeof v.presence === "object") return v.presence;
+      why = v?.message ?? `presence refused (${resp.status})`;
+      if (resp.status < 500) break;
+    }
+    throw new Error(why);
   }
 
   /** Makes this user a member of `room`: `{status: "joined", members}` or `{status: "failed", reason}`. */

@@ -319,3 +319,24 @@ test("a refused login is final, close() ends what waits, and errors are in words
   assert.equal(closeReason(4003), "replaced by a newer connection of the same user");
   assert.throws(() => new Client({ nodes: [], uid: "x" }), TypeError);
 });
+
+test("presence asks with the session's token, at the next node when one is down", async () => {
+  const asked = [];
+  const env = setup();
+  const login = env.client.fetch;
+  env.client.fetch = async (url, init) => {
+    if (!url.includes("/presence?")) return login(url, init);
+    asked.push({ url, auth: init.headers.authorization });
+    if (url.startsWith("http://a/")) throw new TypeError("Failed to fetch");
+    return { ok: true, status: 200, json: async () => ({ presence: { bob: true, "c d": false } }) };
+  };
+  await assert.rejects(env.client.presence(["bob"]), /not logged in/);
+  env.client.start();
+  await welcomed(env);
+  assert.deepEqual(await env.client.presence(["bob", "c d"]), { bob: true, "c d": false });
+  assert.deepEqual(asked.at(-1), { url: "http://b/presence?uid=bob&uid=c%20d", auth: "Bearer tok-a" });
+  assert.equal(asked.length, 2, "a, down, then b");
+  // A refusal is an error with the server's words, not a next node.
+  env.client.fetch = async () => ({ ok: false, status: 403, json: async () => ({ error: "forbidden", message: "not here" }) });
+  await assert.rejects(env.client.presence(["bob"]), /not here/);
+});
