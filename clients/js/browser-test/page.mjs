@@ -169,6 +169,17 @@ try {
   await a.waitForSelector(`.conv[data-key="u:nobody-here"] .dot:not(.online)`);
   await shot(a, "desktop-offline-failed");
 
+    // A backend push (a plain string body) shows as a conversation with the service.
+  const push = await fetch(`${nodes[2]}/api/push`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: "Bearer dev-api-key" },
+    body: JSON.stringify({ to: alice, body: "your order has shipped", wait_ms: 5000 }),
+  });
+  assert.equal((await push.json()).status, "delivered");
+  await a.click('.conv[data-key="u:$system"]');
+  await waitBubble(a, "your order has shipped");
+  assert.equal(await a.isVisible("#compose"), false, "nobody can answer $system");
+
   // A room.
   await startChat(a, "#team");
   await b.click("#back");
