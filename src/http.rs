@@ -871,6 +871,9 @@ async fn user_presence(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shared = &state.shared;
     user_claims(shared, uri.query(), &headers)?;
+    if shared.shutdown.is_cancelled() {
+        return Err(ApiError::stopping());
+    }
     if !shared.cfg.api.user_presence {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -885,7 +888,8 @@ async fn user_presence(
         if key != "uid" || uids.contains(&uid) {
             continue;
         }
-        validate_uid(&uid).map_err(|e| ApiError::bad_request(format!("`uid` {uid:?}: {e}")))?;
+        validate_uid(&uid)
+            .map_err(|e| ApiError::bad_request(format!("a `uid` is not valid: {e}")))?;
         if uids.len() == MAX_PRESENCE_UIDS {
             return Err(ApiError::bad_request(format!(
                 "at most {MAX_PRESENCE_UIDS} uids per request"

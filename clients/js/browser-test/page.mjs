@@ -214,6 +214,18 @@ try {
   assert.ok((await b.evaluate(() => document.documentElement.scrollWidth)) <= 320, "fits 320 px");
   await shot(b, "phone-320");
 
+    // Bounded: at most 200 conversations, the oldest forgotten first, never the newest.
+  const kept = await a.evaluate(() => {
+    for (let i = 0; i < 205; i++) {
+      document.querySelector("#new").value = `someone-${i}`;
+      document.querySelector("#newchat").requestSubmit();
+    }
+    return [...document.querySelectorAll(".conv")].map((e) => e.dataset.key);
+  });
+  assert.equal(kept.length, 200);
+  assert.ok(kept.includes("u:someone-204") && !kept.includes("u:someone-0"), kept.slice(0, 3).join());
+  assert.equal(await a.textContent("#chat-title"), "someone-204");
+
   assert.deepEqual(errors, [], "no uncaught page errors");
   console.log("chat page in chromium: ok");
 } catch (e) {
