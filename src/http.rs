@@ -810,6 +810,17 @@ async fn ask_owner(
     }
 }
 
+/// The number of live sessions of `uid` at its owner (a presence question, over QUIC when the
+/// owner is another node); `unreachable` carries `message`.
+async fn sessions_of(shared: &Shared, uid: &str, message: String) -> Result<usize, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    let cmd = Command::Presence {
+        uid: uid.to_string(),
+        reply,
+    };
+    ask_owner(shared, cmd, answer, message).await
+}
+
 /// Refuses a path whose percent-encoding is malformed (`%ZZ`, a `%` at the end): the router
 /// would otherwise take it literally.
 fn check_percent_encoding(uri: &axum::http::Uri) -> Result<(), ApiError> {
@@ -838,15 +849,9 @@ async fn api_presence(
     let owner = shared.owner_of(&uid).ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_nodes", "no live node")
     })?;
-    let (reply, answer) = oneshot::channel();
-    let presence = Command::Presence {
-        uid: uid.clone(),
-        reply,
-    };
-    let sessions = ask_owner(
+    let sessions = sessions_of(
         shared,
-        presence,
-        answer,
+        &uid,
         format!("the owner node {} could not be asked", owner.node),
     )
     .await?;
@@ -901,12 +906,7 @@ async fn user_presence(
         return Err(ApiError::bad_request("name at least one `uid`"));
     }
     let asks = uids.iter().map(|uid| async move {
-        let (reply, answer) = oneshot::channel();
-        let cmd = Command::Presence {
-            uid: uid.clone(),
-            reply,
-        };
-        match ask_owner(shared, cmd, answer, String::new()).await {
+        match sessions_of(shared, uid, String::new()).await {
             Ok(n) => json!(n > 0),
             Err(_) => serde_json::Value::Null,
         }
