@@ -41,12 +41,12 @@ fn browser_setup() -> Option<(PathBuf, &'static str)> {
 /// Runs `node <script>` in the browser-test folder with `env`; panics with its output unless
 /// it exits 0 and prints `ok_line`.
 async fn run_script(
+    (dir, chromium): (PathBuf, &'static str),
     script: &str,
     env: Vec<(&'static str, String)>,
     ok_line: &str,
     limit: Duration,
 ) {
-    let (dir, chromium) = browser_setup().expect("checked by the caller");
     let script = script.to_string();
     let run = tokio::task::spawn_blocking(move || {
         Command::new("node")
@@ -77,14 +77,15 @@ fn shots(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_works_in_chromium_against_real_nodes() {
-    if browser_setup().is_none() {
+    let Some(setup) = browser_setup() else {
         return;
-    }
+    };
     let c = Cluster::start(2).await;
     c.wait_converged(2).await;
     let nodes: Vec<String> = c.nodes.iter().map(|n| n.http_url()).collect();
     let env = vec![("IMGATE_NODES", nodes.join(",")), ("SHOTS", shots("sdk"))];
     run_script(
+        setup,
         "sdk.mjs",
         env,
         "imgate.js in chromium: ok",
@@ -96,9 +97,9 @@ async fn the_sdk_works_in_chromium_against_real_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_page_in_chromium_on_a_desktop_and_a_phone_through_a_kill_9() {
-    if browser_setup().is_none() {
+    let Some(setup) = browser_setup() else {
         return;
-    }
+    };
     // Offline sends end after 1.5 s instead of 5 s; the rest is the shipped defaults.
     let c = ProcCluster::start(3, "[delivery]\nhold_ms = 1500\n");
     c.wait_ready(3, Duration::from_secs(30)).await;
@@ -115,6 +116,7 @@ async fn the_chat_page_in_chromium_on_a_desktop_and_a_phone_through_a_kill_9() {
         ("SHOTS", shots("page")),
     ];
     run_script(
+        setup,
         "page.mjs",
         env,
         "chat page in chromium: ok",
