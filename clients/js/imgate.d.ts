@@ -110,7 +110,8 @@ export class Client {
   /**
    * Which of `uids` (1 to 50) are online: `true`, `false`, or `null` when the node could not
    * tell. Asked with the session's token (`GET /presence`); rejects when there is no session or
-   * no node answers or the server refuses (`api.user_presence = false`).
+      * no node answers or the server refuses; the Error's `status` is the refusal's HTTP status
+   * (403: `api.user_presence = false`), 0 when no node answered.
    */
   presence(uids: string[]): Promise<Record<string, boolean | null>>;
 }

@@ -559,15 +559,17 @@ export class Client {
     /**
    * Which of `uids` (1 to 50) are online: resolves to `{uid: true | false | null}` (`null`: the
    * node could not tell). Asked with the session's token (`GET /presence`) at the node of the
-   * last login, then at the others while nodes do not answer; rejects with an Error when
-   * no session exists or every node failed or refused.
+      * last login, then at the others while nodes do not answer; rejects with an Error when
+   * no session exists or every node failed or refused (its `status`: the refusal's HTTP status,
+   * 0 when no node answered).
    */
   async presence(uids) {
     const s = this.session;
     if (!s) throw new Error("not logged in");
     const query = uids.map((u) => `uid=${encodeURIComponent(u)}`).join("&");
     const n = this.nodes.length;
-    let why = "no server answered";
+        let why = "no server answered";
+    let status = 0;
     for (let i = 0; i < n; i++) {
       const base = this.nodes[(this.startNode + i) % n];
       let resp, v;
@@ -581,9 +583,11 @@ export class Client {
       }
       if (resp.ok && v && typeof v.presence === "object") return v.presence;
       why = v?.message ?? `presence refused (${resp.status})`;
-      if (resp.status < 500) break;
+      status = resp.status;
+      if (status < 500) break;
     }
-    throw new Error(why);
+    // `status`: the HTTP status of a refusal (403: presence is turned off), 0 when none answered.
+    throw Object.assign(new Error(why), { status });
   }
 
   /** Makes this user a member of `room`: `{status: "joined", members}` or `{status: "failed", reason}`. */

@@ -338,5 +338,5 @@ test("presence asks with the session's token, at the next node when one is down"
   assert.equal(asked.length, 2, "a, down, then b");
   // A refusal is an error with the server's words, not a next node.
   env.client.fetch = async () => ({ ok: false, status: 403, json: async () => ({ error: "forbidden", message: "not here" }) });
-  await assert.rejects(env.client.presence(["bob"]), /not here/);
+    await assert.rejects(env.client.presence(["bob"]), { message: "not here", status: 403 });
 });
